@@ -1,0 +1,7 @@
+"""``python -m bulkoffboard``."""
+
+import sys
+
+from bulkoffboard.cli import main
+
+sys.exit(main())

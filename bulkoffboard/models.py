@@ -1,0 +1,103 @@
+"""Values shared across the package: machine ids, outcomes, machine actions."""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+from typing import Any
+
+#: A machine id is 40 hex digits (mde-api.md section 7). Checked before it goes near a URL.
+_MACHINE_ID = re.compile(r"[0-9a-fA-F]{40}")
+
+
+def normalize_machine_id(value: str) -> str | None:
+    """Return ``value`` as a lower-case 40-hex machine id, or None when it is not one.
+
+    Surrounding white space is tolerated; anything else (quotes, slashes, query strings, NUL
+    bytes, non-ASCII digits) makes the value invalid.
+    """
+    candidate = value.strip()
+    if _MACHINE_ID.fullmatch(candidate) is None:
+        return None
+    return candidate.lower()
+
+
+def describe_invalid(value: str, limit: int = 60) -> str:
+    """A short, printable rendering of a rejected value for one-line error messages."""
+    shown = value if len(value) <= limit else value[:limit] + "..."
+    return repr(shown)
+
+
+class Outcome(enum.StrEnum):
+    """How one machine ended. Names are a contract: reports and pipelines read them."""
+
+    OFFBOARDED = "offboarded"
+    ALREADY_PENDING = "already_pending"
+    NOT_FOUND = "not_found"
+    UNSUPPORTED = "unsupported"
+    FORBIDDEN = "forbidden"
+    INVALID_ID = "invalid_id"
+    EXCLUDED = "excluded"
+    FAILED = "failed"
+
+    @property
+    def is_final(self) -> bool:
+        """Final outcomes are never retried; ``failed`` is retried by ``resume``."""
+        return self is not Outcome.FAILED
+
+
+#: Machine action states after which nothing changes (mde-api.md section 3).
+FINAL_ACTION_STATUSES = frozenset({"Succeeded", "Failed", "TimeOut", "Cancelled"})
+
+
+def _field(data: dict[str, Any], *names: str) -> Any:
+    """Case-insensitive lookup of the first of ``names`` present in ``data``."""
+    lowered = {k.lower(): v for k, v in data.items()}
+    for name in names:
+        if name.lower() in lowered:
+            return lowered[name.lower()]
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class MachineAction:
+    """The parts of an MDE MachineAction that bulkoffboard records.
+
+    Parsed leniently (mde-api.md section 3): names are matched case-insensitively, both
+    timestamp spellings are accepted, unknown enum values are kept as they came.
+    """
+
+    id: str
+    type: str
+    status: str
+    machine_id: str | None
+    requestor_comment: str | None
+    creation_time: str | None
+    last_update_time: str | None
+
+    @classmethod
+    def from_api(cls, data: dict[str, Any]) -> MachineAction:
+        """Build from an API body; raises ValueError when ``id`` is missing."""
+        action_id = _field(data, "id")
+        if not isinstance(action_id, str) or not action_id:
+            raise ValueError("machine action without an id")
+        return cls(
+            id=action_id,
+            type=str(_field(data, "type") or ""),
+            status=str(_field(data, "status") or ""),
+            machine_id=_field(data, "machineId"),
+            requestor_comment=_field(data, "requestorComment"),
+            creation_time=_field(data, "creationDateTimeUtc"),
+            last_update_time=_field(data, "lastUpdateDateTimeUtc", "lastUpdateTimeUtc"),
+        )
+
+    @property
+    def is_final(self) -> bool:
+        """True once the action can no longer change."""
+        return self.status in FINAL_ACTION_STATUSES
+
+    @property
+    def is_offboard(self) -> bool:
+        """True for offboard actions (the 2017 docs spelled the type ``OffboardMachine``)."""
+        return self.type in ("Offboard", "OffboardMachine")
