@@ -1,0 +1,242 @@
+"""Entra ID tokens through msal, off the event loop, cached and refreshed before expiry.
+
+msal is blocking: the application is built in a thread (its constructor fetches the OpenID
+configuration) and every token call runs in a thread too, one at a time behind a lock (ten
+concurrent calls on an empty cache made six token requests; with a lock, one: LIBRARY-NOTES.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import orjson
+import requests
+import structlog
+
+from bulkoffboard.errors import AuthError
+
+log = structlog.get_logger("bulkoffboard.auth")
+
+_AADSTS = re.compile(r"AADSTS(\d+)")
+#: Hosts msal knows; any other authority host is used as given, with no instance discovery
+#: (which would call a public endpoint).
+_KNOWN_AUTHORITY_HOSTS = frozenset(
+    {
+        "login.microsoftonline.com",
+        "login.microsoftonline.us",
+        "login.chinacloudapi.cn",
+        "login.microsoft.com",
+        "login.windows.net",
+    }
+)
+
+
+class TokenProvider(Protocol):
+    """Gives bearer tokens for the MDE API."""
+
+    async def token(self) -> str:
+        """A token valid for a while yet."""
+        ...
+
+    async def refresh(self, stale: str) -> str:
+        """A new token after ``stale`` was rejected (a 401); shared by concurrent callers."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ClientCredential:
+    """How the app proves who it is. Exactly one of secret or certificate."""
+
+    secret: str | None = None
+    #: PEM with the private key (and the certificate), or a PFX file.
+    certificate_path: Path | None = None
+    certificate_password: str | None = None
+
+    def __repr__(self) -> str:
+        kind = "secret" if self.secret is not None else f"certificate {self.certificate_path}"
+        return f"ClientCredential({kind})"
+
+    def for_msal(self) -> str | dict[str, Any]:
+        """The ``client_credential`` argument msal expects."""
+        if self.secret is not None:
+            return self.secret
+        if self.certificate_path is None:
+            raise AuthError("no client secret or certificate is configured")
+        return load_certificate(self.certificate_path, self.certificate_password)
+
+
+def load_certificate(path: Path, password: str | None) -> dict[str, Any]:
+    """A msal certificate credential from a PEM (key + certificate) or a PFX file.
+
+    msal works out the thumbprint itself from the public certificate (x5t#S256 with PS256), so
+    nobody types one by hand.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise AuthError(f"cannot read the client certificate {path}: {exc.strerror}") from None
+    if path.suffix.lower() in (".pfx", ".p12") or not data.lstrip().startswith(b"-----"):
+        return {"private_key_pfx_path": str(path), "passphrase": password}
+    text = data.decode("ascii", errors="replace")
+    key = re.search(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.+?-----END [A-Z ]*PRIVATE KEY-----", text, re.S)
+    certs = re.findall(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", text, re.S)
+    if key is None or not certs:
+        raise AuthError(
+            f"the client certificate {path} must hold both the private key and the certificate"
+        )
+    credential: dict[str, Any] = {"private_key": key.group(0), "public_certificate": certs[0]}
+    if password:
+        credential["passphrase"] = password
+    return credential
+
+
+def token_roles(token: str) -> list[str]:
+    """The ``roles`` claim of a JWT access token, decoded without checking the signature."""
+    try:
+        payload = token.split(".")[1]
+        claims = orjson.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError, orjson.JSONDecodeError):
+        return []
+    roles = claims.get("roles") if isinstance(claims, dict) else None
+    return [str(r) for r in roles] if isinstance(roles, list) else []
+
+
+def _describe(result: dict[str, Any]) -> tuple[str, str | None]:
+    """A one-line reason from a msal error result, and its AADSTS code."""
+    description = str(result.get("error_description") or "")
+    match = _AADSTS.search(description)
+    code = f"AADSTS{match.group(1)}" if match else str(result.get("error") or "") or None
+    # Keep the first sentence; the rest is trace and correlation ids.
+    first = description.split(" Trace ID:")[0].strip()
+    first = first.split("\r\n")[0].split("\n")[0]
+    return first or str(result.get("error") or "unknown error"), code
+
+
+class MsalTokenProvider:
+    """Client-credential tokens from msal's ``ConfidentialClientApplication``."""
+
+    def __init__(
+        self,
+        *,
+        tenant_id: str,
+        client_id: str,
+        credential: ClientCredential,
+        authority_host: str = "https://login.microsoftonline.com",
+        scope: str = "https://api.securitycenter.microsoft.com/.default",
+        ca_bundle: Path | None = None,
+        timeout_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not authority_host.startswith("https://"):
+            raise AuthError(f"the authority host must be https, not {authority_host!r}")
+        self.tenant_id = tenant_id
+        self.client_id = client_id
+        self.authority = f"{authority_host.rstrip('/')}/{tenant_id}"
+        self.scope = scope
+        self._credential = credential
+        self._ca_bundle = ca_bundle
+        self._timeout_s = timeout_s
+        self._clock = clock
+        self._app: Any = None
+        self._lock = asyncio.Lock()
+        self._token: str | None = None
+        self._refresh_at = 0.0
+        self.acquired = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"MsalTokenProvider(tenant={self.tenant_id!r}, client={self.client_id!r}, "
+            f"authority={self.authority!r}, cached={self._token is not None})"
+        )
+
+    def _where(self) -> str:
+        return f"tenant {self.tenant_id}, client {self.client_id}"
+
+    def _http_client(self) -> requests.Session:
+        # requests lets REQUESTS_CA_BUNDLE override verify=, so the environment is not trusted
+        # here; proxies from HTTPS_PROXY / NO_PROXY are put back explicitly.
+        session = requests.Session()
+        session.trust_env = False
+        session.verify = str(self._ca_bundle) if self._ca_bundle else True
+        session.proxies.update(requests.utils.get_environ_proxies(self.authority))
+        return session
+
+    def _build(self) -> Any:
+        import msal  # noqa: PLC0415 - imported in the worker thread, off the loop
+
+        host = self.authority.split("/")[2].split(":")[0].lower()
+        try:
+            return msal.ConfidentialClientApplication(
+                self.client_id,
+                client_credential=self._credential.for_msal(),
+                authority=self.authority,
+                http_client=self._http_client(),
+                timeout=self._timeout_s,
+                instance_discovery=host in _KNOWN_AUTHORITY_HOSTS,
+            )
+        except ValueError as exc:
+            # msal raises ValueError when the tenant's OpenID configuration cannot be read
+            # (unknown tenant, or an authority that is not Entra ID).
+            match = _AADSTS.search(str(exc))
+            code = f"AADSTS{match.group(1)}" if match else None
+            raise AuthError(
+                f"cannot read the OpenID configuration of {self.authority} for {self._where()}"
+                f"{f' ({code})' if code else ''}: unknown tenant, or not an Entra ID authority",
+                code=code,
+            ) from None
+        except requests.RequestException as exc:
+            raise AuthError(
+                f"cannot reach the authority {self.authority} for {self._where()}: "
+                f"{type(exc).__name__}"
+            ) from None
+
+    def _acquire(self, force: bool) -> tuple[str, float]:
+        if self._app is None:
+            self._app = self._build()
+        app = self._app
+        if force:
+            cache = app.token_cache
+            for entry in cache.search(cache.CredentialType.ACCESS_TOKEN):
+                cache.remove_at(entry)
+        try:
+            result = app.acquire_token_for_client(scopes=[self.scope])
+        except requests.RequestException as exc:
+            raise AuthError(
+                f"cannot reach the token endpoint for {self._where()}: {type(exc).__name__}"
+            ) from None
+        if "access_token" not in result:
+            reason, code = _describe(result)
+            raise AuthError(f"token request failed for {self._where()}: {reason}", code=code)
+        lifetime = float(result.get("expires_in") or 3600)
+        return str(result["access_token"]), lifetime
+
+    async def _fetch(self, force: bool) -> str:
+        token, lifetime = await asyncio.to_thread(self._acquire, force)
+        self._token = token
+        # Refresh before expiry: 5 minutes early for normal tokens, halfway for short ones.
+        early = 300.0 if lifetime > 600 else lifetime / 2
+        self._refresh_at = self._clock() + lifetime - early
+        self.acquired += 1
+        log.debug("auth.token_acquired", lifetime_s=lifetime, forced=force)
+        return token
+
+    async def token(self) -> str:
+        """A cached token, or a new one when the cached one is near expiry."""
+        async with self._lock:
+            if self._token is not None and self._clock() < self._refresh_at:
+                return self._token
+            return await self._fetch(force=self._token is not None)
+
+    async def refresh(self, stale: str) -> str:
+        """A new token after ``stale`` was rejected; one refresh serves every waiting caller."""
+        async with self._lock:
+            if self._token is not None and self._token != stale and self._clock() < self._refresh_at:
+                return self._token
+            return await self._fetch(force=True)

@@ -1,0 +1,230 @@
+"""The dual throttle: no sliding window of send times ever holds more calls than its limit.
+
+Why not two stacked ``AsyncLimiter``s: a leaky bucket admits its whole capacity at once and then
+drains, so ``AsyncLimiter(100, 60)`` lets about 200 calls into one 60 s window, and time spent
+waiting on the second limiter moves the send past the first one's grant (LIBRARY-NOTES.md).
+The MDE limits are "100 per minute and 1,500 per hour" and the server's counting rule is not
+published, so the only safe reading is a sliding window on every span of that length.
+
+The rule here is a sliding log per window: keep the send times of the last N grants and grant
+only when the oldest of them is more than ``period + margin`` ago. Greedy grants under that rule
+are never later than any schedule that respects both windows, so the rule is both sound and as
+fast as the limits allow. The margin covers network jitter (a call sent later can arrive
+sooner) and makes the window closed on both ends.
+
+``aiolimiter`` serves as a pacer: a minimum gap between grants, so a minute's budget goes out
+as a short, smooth stream rather than as one burst of simultaneous connections. It never
+admits anything the sliding log refuses: the log is checked after the pacer, at the real
+grant time.
+
+A 429 pauses every caller until its Retry-After has passed (:meth:`Throttle.pause`), and a
+resumed run seeds the log with the send times of the process before (:meth:`Throttle.seed`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from aiolimiter import AsyncLimiter
+
+#: Sleeps computed here are never shorter than this: a float residue that makes the next
+#: wake-up equal "now" would spin forever under a frozen loop clock (LIBRARY-NOTES.md).
+_MIN_SLEEP_S = 0.001
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """At most ``calls`` in any ``period_s`` seconds."""
+
+    calls: int
+    period_s: float
+
+    def __post_init__(self) -> None:
+        if self.calls < 1 or not self.period_s > 0:
+            raise ValueError(f"a limit needs calls >= 1 and a positive period, not {self}")
+
+    @classmethod
+    def parse(cls, text: str) -> Limit:
+        """``"100/60"`` -> Limit(100, 60.0). Raises ValueError with the culprit named."""
+        calls, sep, period = text.partition("/")
+        try:
+            if not sep:
+                raise ValueError
+            return cls(int(calls), float(period))
+        except ValueError:
+            raise ValueError(
+                f"--limit {text!r}: expected CALLS/SECONDS with CALLS >= 1 and SECONDS > 0, "
+                "e.g. 100/60"
+            ) from None
+
+    def __str__(self) -> str:
+        return f"{self.calls}/{self.period_s:g}"
+
+    @property
+    def default_margin_s(self) -> float:
+        """Margin for jitter: 1% of the window, at most 1 s (0.6 s on the minute window)."""
+        return min(1.0, self.period_s / 100)
+
+
+#: The documented offboard limits: 100 per minute and 1,500 per hour (mde-api.md section 2).
+DEFAULT_LIMITS = (Limit(100, 60.0), Limit(1500, 3600.0))
+
+
+class SlidingLog:
+    """The exact rule for one window: remembers the last ``limit.calls`` grant times."""
+
+    __slots__ = ("limit", "margin_s", "_times")
+
+    def __init__(self, limit: Limit, margin_s: float | None = None) -> None:
+        self.limit = limit
+        self.margin_s = limit.default_margin_s if margin_s is None else margin_s
+        if self.margin_s <= 0:
+            raise ValueError("the margin must be above zero (windows are closed)")
+        self._times: collections.deque[float] = collections.deque(maxlen=limit.calls)
+
+    def __repr__(self) -> str:
+        return f"SlidingLog({self.limit}, margin_s={self.margin_s}, held={len(self._times)})"
+
+    def next_free(self) -> float:
+        """The earliest clock time at which one more grant keeps the window within limit."""
+        if len(self._times) < self.limit.calls:
+            return float("-inf")
+        return self._times[0] + self.limit.period_s + self.margin_s
+
+    def record(self, at: float) -> None:
+        """Count a grant at clock time ``at`` (times must not go backwards)."""
+        self._times.append(at)
+
+
+class Throttle:
+    """Grants permission to send, under every :class:`Limit` at once, for any number of callers.
+
+    ``clock`` is the time source the grants are measured in (the running loop's clock by
+    default, so ``looptime`` can fast-forward it). Grants are FIFO.
+    """
+
+    def __init__(
+        self,
+        limits: Iterable[Limit] = DEFAULT_LIMITS,
+        *,
+        margin_s: float | None = None,
+        pace_s: float | None = None,
+        clock: Callable[[], float] | None = None,
+        name: str = "offboard",
+    ) -> None:
+        self.limits = tuple(limits)
+        if not self.limits:
+            raise ValueError("a throttle needs at least one limit")
+        self.name = name
+        self._logs = [SlidingLog(limit, margin_s) for limit in self.limits]
+        self._clock = clock
+        self._lock = asyncio.Lock()
+        self._paused_until = float("-inf")
+        self._changed = asyncio.Event()
+        if pace_s is None:
+            # Spread each window's budget over a tenth of it: 100/60 gives a 60 ms gap, so a
+            # minute's 100 calls leave in 6 s instead of all at once.
+            pace_s = min(limit.period_s / limit.calls for limit in self.limits) / 10
+        self.pace_s = pace_s
+        self._pacer = AsyncLimiter(1, pace_s) if pace_s > _MIN_SLEEP_S else None
+        self.granted = 0
+        self.pauses = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"Throttle({self.name!r}, limits=[{', '.join(map(str, self.limits))}], "
+            f"granted={self.granted}, paused_until={self._paused_until:.3f})"
+        )
+
+    def now(self) -> float:
+        """The throttle's clock."""
+        return self._clock() if self._clock is not None else asyncio.get_running_loop().time()
+
+    def next_free(self) -> float:
+        """The earliest time the next grant could happen (pauses included)."""
+        return max(self._paused_until, *(log.next_free() for log in self._logs))
+
+    async def acquire(self) -> float:
+        """Wait until a call may be sent and count it. Returns the grant time.
+
+        Call it right before sending: the window is kept on grant times, so the caller must
+        not wait between this and the send.
+        """
+        async with self._lock:
+            if self._pacer is not None:
+                await self._pacer.acquire()
+            while True:
+                now = self.now()
+                wait = self.next_free() - now
+                if wait <= 0:
+                    break
+                self._changed.clear()
+                try:
+                    # Wake at the free time, or early when a pause changes the picture.
+                    await asyncio.wait_for(self._changed.wait(), max(wait, _MIN_SLEEP_S))
+                except TimeoutError:
+                    pass
+            for log in self._logs:
+                log.record(now)
+            self.granted += 1
+            return now
+
+    def pause(self, seconds: float) -> None:
+        """Hold every caller for ``seconds`` from now (a 429's Retry-After)."""
+        until = self.now() + max(seconds, 0.0)
+        if until > self._paused_until:
+            self._paused_until = until
+            self.pauses += 1
+            self._changed.set()
+
+    def seed(self, send_times: Iterable[float]) -> int:
+        """Count earlier sends (clock times, ascending) so a restart cannot overshoot.
+
+        Returns how many were counted (times older than the longest window are ignored).
+        """
+        horizon = self.now() - max(limit.period_s for limit in self.limits) - 1.0
+        counted = 0
+        for at in send_times:
+            if at < horizon:
+                continue
+            for log in self._logs:
+                log.record(at)
+            counted += 1
+        return counted
+
+    def ideal_duration_s(self, calls: int) -> float:
+        """The fastest possible time to send ``calls`` calls under the limits, from empty.
+
+        Greedy on the exact windows with no margin and no latency: what a perfect client could
+        do. Benchmarks divide real durations by this.
+        """
+        return ideal_duration_s(calls, self.limits)
+
+    @staticmethod
+    def wall_to_clock(wall_times: Iterable[float], clock_now: float) -> list[float]:
+        """Convert wall-clock send times (journal) to this throttle's clock."""
+        offset = time.time() - clock_now
+        return [t - offset for t in wall_times]
+
+
+def ideal_duration_s(calls: int, limits: Iterable[Limit]) -> float:
+    """Time of the last grant of the greedy schedule that respects every window exactly.
+
+    Windows are taken as half-open on the server's side: a call at ``t + period`` no longer
+    shares a window with one at ``t``.
+    """
+    if calls <= 0:
+        return 0.0
+    logs = [(limit, collections.deque(maxlen=limit.calls)) for limit in limits]
+    now = 0.0
+    for _ in range(calls):
+        for limit, log in logs:
+            if len(log) == limit.calls:
+                now = max(now, log[0] + limit.period_s)
+        for _, log in logs:
+            log.append(now)
+    return now
