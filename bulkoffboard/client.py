@@ -171,6 +171,10 @@ class MdeClient:
             body = None
         if 200 <= status < 300:
             return status, body
+        if status == 401:
+            # Refresh now (shared by concurrent callers); the caller decides whether to retry,
+            # since a retried POST must pass the throttle again.
+            await self._tokens.refresh(bearer)
         raise error_for(status, body, what=what, machine_id=machine_id, retry_after=retry_after)
 
     async def offboard(self, machine_id: str, comment: str) -> MachineAction:

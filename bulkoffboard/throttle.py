@@ -9,8 +9,15 @@ published, so the only safe reading is a sliding window on every span of that le
 The rule here is a sliding log per window: keep the send times of the last N grants and grant
 only when the oldest of them is more than ``period + margin`` ago. Greedy grants under that rule
 are never later than any schedule that respects both windows, so the rule is both sound and as
-fast as the limits allow. The margin covers network jitter (a call sent later can arrive
-sooner) and makes the window closed on both ends.
+fast as the limits allow.
+
+The margin covers network jitter (a call sent later can arrive sooner) and makes the window
+closed on both ends. A request arrives somewhere between its grant and its response, so if two
+grants are ``period + margin`` apart and the first one's round trip took at most ``margin``,
+their arrivals are at least ``period`` apart. The margin is therefore the larger of a floor
+(1% of the window, at most 1 s) and the longest recent round trip the callers reported through
+:meth:`Throttle.observe` (capped at a quarter of the window, so one stuck call cannot stall a
+run).
 
 ``aiolimiter`` serves as a pacer: a minimum gap between grants, so a minute's budget goes out
 as a short, smooth stream rather than as one burst of simultaneous connections. It never
@@ -89,11 +96,12 @@ class SlidingLog:
     def __repr__(self) -> str:
         return f"SlidingLog({self.limit}, margin_s={self.margin_s}, held={len(self._times)})"
 
-    def next_free(self) -> float:
+    def next_free(self, extra_margin_s: float = 0.0) -> float:
         """The earliest clock time at which one more grant keeps the window within limit."""
         if len(self._times) < self.limit.calls:
             return float("-inf")
-        return self._times[0] + self.limit.period_s + self.margin_s
+        margin = max(self.margin_s, min(extra_margin_s, self.limit.period_s / 4))
+        return self._times[0] + self.limit.period_s + margin
 
     def record(self, at: float) -> None:
         """Count a grant at clock time ``at`` (times must not go backwards)."""
@@ -133,6 +141,8 @@ class Throttle:
         self._pacer = AsyncLimiter(1, pace_s) if pace_s > _MIN_SLEEP_S else None
         self.granted = 0
         self.pauses = 0
+        self._round_trips: collections.deque[float] = collections.deque(maxlen=256)
+        self._max_round_trip_s = 0.0
 
     def __repr__(self) -> str:
         return (
@@ -146,7 +156,21 @@ class Throttle:
 
     def next_free(self) -> float:
         """The earliest time the next grant could happen (pauses included)."""
-        return max(self._paused_until, *(log.next_free() for log in self._logs))
+        extra = self._max_round_trip_s
+        return max(self._paused_until, *(log.next_free(extra) for log in self._logs))
+
+    def observe(self, round_trip_s: float) -> None:
+        """Report how long a granted call took from grant to response (widens the margin)."""
+        if round_trip_s < 0:
+            return
+        if len(self._round_trips) == self._round_trips.maxlen:
+            dropped = self._round_trips[0]
+            self._round_trips.append(round_trip_s)
+            if dropped >= self._max_round_trip_s:
+                self._max_round_trip_s = max(self._round_trips)
+        else:
+            self._round_trips.append(round_trip_s)
+        self._max_round_trip_s = max(self._max_round_trip_s, round_trip_s)
 
     async def acquire(self) -> float:
         """Wait until a call may be sent and count it. Returns the grant time.

@@ -1,0 +1,354 @@
+"""The JSONL journal: append-only, one whole flushed line per event, locked, replayable.
+
+Format (version 1), one JSON object per line, ``type`` first:
+
+``header``   first line: ``format``, ``tool``, ``tool_version``, ``run_id``, ``created_at``,
+             ``source``, ``comment``, ``limits`` (list of ``[calls, period_s]``), ``workers``,
+             ``api_url``, ``tenant_id``, ``client_id``.
+``session``  each time a process starts writing: ``at``, ``pid``, ``command``.
+``attempt``  written BEFORE an offboard request is sent: ``machine_id``, ``attempt`` (1-based,
+             across sessions), ``at`` (send time).
+``result``   after a machine ends: ``machine_id``, ``outcome``, ``action_id``, ``action_status``,
+             ``http_status``, ``error_code``, ``message``, ``attempts``, ``at``; for
+             ``invalid_id`` also ``where`` (file:line) and ``input`` (the rejected value).
+``status``   a later look at an action (verify): ``machine_id``, ``action_id``,
+             ``action_status``, ``at``.
+``end``      a process stopped: ``at``, ``exit_code``, ``reason``, ``counts``.
+
+Times are ISO-8601 UTC with microseconds and a ``Z``. The last ``result`` of a machine wins.
+A machine whose last ``attempt`` has no later ``result`` is *in doubt*: the request may have
+created an action. Readers must ignore unknown fields and unknown record types.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import structlog
+
+from bulkoffboard.errors import JournalError, JournalLockedError
+
+log = structlog.get_logger("bulkoffboard.journal")
+
+FORMAT_VERSION = 1
+TOOL = "bulkoffboard"
+
+
+def utc_now() -> datetime:
+    """Now, in UTC."""
+    return datetime.now(UTC)
+
+
+def iso(moment: datetime) -> str:
+    """The journal's timestamp format."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_iso(text: str) -> datetime:
+    """Read a journal timestamp back."""
+    return datetime.fromisoformat(text)
+
+
+class _Lock:
+    """An exclusive ``flock`` on ``<journal>.lock``, holding the owner's pid for messages."""
+
+    def __init__(self, journal_path: Path) -> None:
+        self.path = journal_path.with_name(journal_path.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise JournalError(f"cannot create the lock file {self.path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise JournalLockedError(
+                f"journal {self.path.with_suffix('')} is in use by another bulkoffboard "
+                f"process (pid {holder}); wait for it or stop it"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+
+class Journal:
+    """An open, locked journal that appends whole lines. Use :meth:`create` or :meth:`resume`."""
+
+    def __init__(self, path: Path, fd: int, lock: _Lock) -> None:
+        self.path = path
+        self._fd = fd
+        self._lock = lock
+        self.lines_written = 0
+
+    def __repr__(self) -> str:
+        state = "open" if self._fd >= 0 else "closed"
+        return f"Journal({str(self.path)!r}, {state}, lines_written={self.lines_written})"
+
+    @classmethod
+    def create(cls, path: Path, header: dict[str, Any]) -> Journal:
+        """Start a new journal with ``header``; refuses an existing, non-empty file.
+
+        The header is written and fsynced here, so a full or read-only file system fails
+        before any offboard call is made.
+        """
+        lock = _Lock(path)
+        lock.acquire()
+        try:
+            if path.exists() and path.stat().st_size > 0:
+                raise JournalError(
+                    f"journal {path} already exists; use 'bulkoffboard resume --journal {path}' "
+                    "to continue it, or choose a new path"
+                )
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            except OSError as exc:
+                raise JournalError(f"cannot create journal {path}: {exc.strerror}") from None
+            journal = cls(path, fd, lock)
+            journal.append({"type": "header", **header}, sync=True)
+            return journal
+        except BaseException:
+            lock.release()
+            raise
+
+    @classmethod
+    def resume(cls, path: Path) -> tuple[Journal, Replay]:
+        """Lock an existing journal, mend a torn last line, replay it, and open it to append."""
+        lock = _Lock(path)
+        lock.acquire()
+        try:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_APPEND)
+            except FileNotFoundError:
+                raise JournalError(f"journal {path} does not exist") from None
+            except OSError as exc:
+                raise JournalError(f"cannot open journal {path}: {exc.strerror}") from None
+            journal = cls(path, fd, lock)
+            try:
+                journal._mend_torn_tail()
+                replay = replay_file(path)
+            except BaseException:
+                journal.close()
+                raise
+            return journal, replay
+        except BaseException:
+            lock.release()
+            raise
+
+    def _mend_torn_tail(self) -> None:
+        """Cut a last line that was not written whole (a crash mid-write)."""
+        size = os.fstat(self._fd).st_size
+        if size == 0:
+            return
+        tail_start = max(0, size - 65536)
+        tail = os.pread(self._fd, size - tail_start, tail_start)
+        if tail.endswith(b"\n"):
+            return
+        cut = tail.rfind(b"\n")
+        if cut < 0 and tail_start > 0:
+            raise JournalError(f"journal {self.path}: the last line is torn and over 64 KiB long")
+        keep = tail_start + cut + 1
+        os.ftruncate(self._fd, keep)
+        os.fsync(self._fd)
+        log.warning("journal.torn_line_dropped", journal=str(self.path), bytes=size - keep)
+
+    def append(self, record: dict[str, Any], *, sync: bool = False) -> None:
+        """Write one record as one line with a single ``write``; fsync when ``sync``."""
+        if self._fd < 0:
+            raise JournalError(f"journal {self.path} is closed")
+        data = orjson.dumps(record) + b"\n"
+        try:
+            written = os.write(self._fd, data)
+            while written < len(data):  # regular files do not write short, but be exact
+                written += os.write(self._fd, data[written:])
+            if sync:
+                os.fsync(self._fd)
+        except OSError as exc:
+            raise JournalError(f"cannot write journal {self.path}: {exc.strerror}") from None
+        self.lines_written += 1
+
+    def sync(self) -> None:
+        """fsync the journal."""
+        if self._fd >= 0:
+            try:
+                os.fsync(self._fd)
+            except OSError as exc:
+                raise JournalError(f"cannot sync journal {self.path}: {exc.strerror}") from None
+
+    def close(self) -> None:
+        """fsync, close and unlock (idempotent)."""
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+        self._lock.release()
+
+
+@dataclass(slots=True)
+class MachineState:
+    """What the journal says of one machine so far."""
+
+    attempts: int = 0
+    #: The last result record, or None.
+    result: dict[str, Any] | None = None
+    #: True when the last attempt has no result after it.
+    in_doubt: bool = False
+
+
+@dataclass(slots=True)
+class Replay:
+    """A journal read back: header, per-machine state, recent send times."""
+
+    header: dict[str, Any]
+    machines: dict[str, MachineState] = field(default_factory=dict)
+    #: ``where`` of every invalid_id result already journaled (file:line).
+    invalid_where: set[str] = field(default_factory=set)
+    invalid_results: list[dict[str, Any]] = field(default_factory=list)
+    #: Wall-clock send times (epoch seconds) of the most recent attempts, oldest first.
+    recent_sends: collections.deque[float] = field(
+        default_factory=lambda: collections.deque(maxlen=10_000)
+    )
+    sessions: int = 0
+    lines: int = 0
+    torn_tail: bool = False
+
+    @property
+    def run_id(self) -> str:
+        """The run's id, from the header."""
+        return str(self.header.get("run_id", ""))
+
+    def final_result(self, machine_id: str) -> dict[str, Any] | None:
+        """The machine's last result if it is final (not ``failed``) and not in doubt."""
+        state = self.machines.get(machine_id)
+        if state is None or state.in_doubt or state.result is None:
+            return None
+        return state.result if state.result.get("outcome") != "failed" else None
+
+    def results(self) -> Iterator[dict[str, Any]]:
+        """The last result of every machine (invalid ids included), in first-seen order."""
+        yield from self.invalid_results
+        for state in self.machines.values():
+            if state.result is not None:
+                yield state.result
+
+    def in_doubt(self) -> list[str]:
+        """Machines whose last attempt has no result."""
+        return [m for m, s in self.machines.items() if s.in_doubt]
+
+
+def _check_header(first: Any, path: Path) -> dict[str, Any]:
+    if not isinstance(first, dict) or first.get("type") != "header" or first.get("tool") != TOOL:
+        raise JournalError(f"{path} is not a bulkoffboard journal (line 1 is not its header)")
+    version = first.get("format")
+    if not isinstance(version, int) or version < 1:
+        raise JournalError(f"{path}: line 1 has no valid format version")
+    if version > FORMAT_VERSION:
+        raise JournalError(
+            f"{path} was written by a newer bulkoffboard (journal format {version}); this one "
+            f"reads format {FORMAT_VERSION}: upgrade bulkoffboard"
+        )
+    return first
+
+
+def replay_lines(lines: Iterable[bytes], path: Path) -> Replay:
+    """Fold journal lines into a :class:`Replay`. A torn (unterminated, unparsable) last line
+    is ignored; a bad line anywhere else is an error naming its number."""
+    replay: Replay | None = None
+    pending_error: JournalError | None = None
+    for number, line in enumerate(lines, start=1):
+        if pending_error is not None:
+            raise pending_error
+        if not line.strip():
+            continue
+        try:
+            record = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            error = JournalError(f"{path}:{number}: not a JSON line (the journal is corrupted)")
+            if not line.endswith(b"\n"):
+                pending_error = error  # tolerated if it is the very last line
+                if replay is not None:
+                    replay.torn_tail = True
+                continue
+            raise error from None
+        if replay is None:
+            replay = Replay(header=_check_header(record, path))
+            replay.lines = number
+            continue
+        replay.lines = number
+        if not isinstance(record, dict):
+            raise JournalError(f"{path}:{number}: a record must be a JSON object")
+        _fold(replay, record, path, number)
+    if replay is None:
+        if pending_error is not None:
+            raise pending_error
+        raise JournalError(f"{path} is empty: not a bulkoffboard journal")
+    return replay
+
+
+def _fold(replay: Replay, record: dict[str, Any], path: Path, number: int) -> None:
+    kind = record.get("type")
+    if kind == "session":
+        replay.sessions += 1
+        return
+    if kind not in ("attempt", "result"):
+        return  # header repeats, status, end and unknown types do not change the plan
+    machine_id = record.get("machine_id")
+    if kind == "result" and record.get("outcome") == "invalid_id":
+        where = str(record.get("where", ""))
+        if where not in replay.invalid_where:
+            replay.invalid_where.add(where)
+            replay.invalid_results.append(record)
+        return
+    if not isinstance(machine_id, str):
+        raise JournalError(f"{path}:{number}: a {kind} record without a machine_id")
+    state = replay.machines.get(machine_id)
+    if state is None:
+        state = replay.machines[machine_id] = MachineState()
+    if kind == "attempt":
+        state.attempts = max(state.attempts, int(record.get("attempt", state.attempts + 1)))
+        state.in_doubt = True
+        at = record.get("at")
+        if isinstance(at, str):
+            try:
+                replay.recent_sends.append(parse_iso(at).timestamp())
+            except ValueError:
+                raise JournalError(f"{path}:{number}: bad time {at!r}") from None
+    else:
+        state.result = record
+        state.in_doubt = False
+
+
+def _read_lines(path: Path) -> Iterator[bytes]:
+    try:
+        handle = path.open("rb")
+    except FileNotFoundError:
+        raise JournalError(f"journal {path} does not exist") from None
+    except OSError as exc:
+        raise JournalError(f"cannot read journal {path}: {exc.strerror}") from None
+    with handle:
+        yield from handle
+
+
+def replay_file(path: Path) -> Replay:
+    """Replay the journal at ``path`` (no lock needed: reading is safe while a run appends)."""
+    return replay_lines(_read_lines(path), path)

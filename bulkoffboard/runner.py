@@ -1,0 +1,527 @@
+"""The run: plan from the journal, feed workers, offboard under the throttle, journal, stop cleanly.
+
+Data flows one way: source records -> plan (skip what the journal already settled, reconcile
+what is in doubt) -> throttle -> client -> journal. Nothing here parses argv or opens files
+other than through the journal it is handed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import enum
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from bulkoffboard.auth import TokenProvider
+from bulkoffboard.client import MdeClient
+from bulkoffboard.errors import (
+    ApiError,
+    AuthError,
+    BadRequestError,
+    ConflictError,
+    ForbiddenError,
+    JournalError,
+    NotFoundError,
+    RetryableError,
+    ThrottledError,
+    UnauthorizedError,
+    UnsupportedError,
+)
+from bulkoffboard.journal import Journal, Replay, iso, utc_now
+from bulkoffboard.models import MachineAction, Outcome
+from bulkoffboard.sources import Deduplicator, SourceRecord
+from bulkoffboard.throttle import Throttle
+
+log = structlog.get_logger("bulkoffboard.runner")
+
+
+class ExitCode(enum.IntEnum):
+    """Process exit codes: a contract with schedulers."""
+
+    OK = 0
+    SOME_FAILED = 1
+    USAGE = 2
+    AUTH = 3
+    INTERRUPTED = 130
+
+
+@dataclass(frozen=True, slots=True)
+class RunSettings:
+    """How a run behaves. Durations in seconds."""
+
+    comment: str
+    run_id: str
+    workers: int = 8
+    #: Attempts per machine for 5xx and transport errors (429s do not use this budget).
+    max_attempts: int = 6
+    #: 429s tolerated per machine before it is recorded as failed.
+    max_throttled: int = 50
+    backoff_base_s: float = 1.0
+    backoff_cap_s: float = 60.0
+    #: After a stop request, how long in-flight machines may take to finish.
+    shutdown_grace_s: float = 30.0
+    #: Stop with exit 3 when this many offboard calls in a row were forbidden and none passed.
+    forbidden_stop_after: int = 5
+    queue_size: int = 64
+
+    @property
+    def api_comment(self) -> str:
+        """The comment sent to the API: it carries the run id, so actions trace back here."""
+        return f"{self.comment} [bulkoffboard run {self.run_id}]"
+
+
+@dataclass(slots=True)
+class Summary:
+    """What a run did; counts are by outcome over the whole journal (earlier sessions too)."""
+
+    counts: collections.Counter[str] = field(default_factory=collections.Counter)
+    session_counts: collections.Counter[str] = field(default_factory=collections.Counter)
+    calls: int = 0
+    throttled: int = 0
+    reconciled: int = 0
+    started: float = field(default_factory=time.monotonic)
+    finished: float | None = None
+    exit_code: ExitCode = ExitCode.OK
+    reason: str = "completed"
+    unprocessed: int = 0
+
+    @property
+    def total(self) -> int:
+        """Machines with a result."""
+        return sum(self.counts.values())
+
+    @property
+    def duration_s(self) -> float:
+        """Seconds from start to finish (or to now)."""
+        return (self.finished or time.monotonic()) - self.started
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-friendly summary."""
+        return {
+            "counts": dict(sorted(self.counts.items())),
+            "total": self.total,
+            "this_session": dict(sorted(self.session_counts.items())),
+            "offboard_calls": self.calls,
+            "throttled_429": self.throttled,
+            "reconciled": self.reconciled,
+            "duration_s": round(self.duration_s, 3),
+            "exit_code": int(self.exit_code),
+            "reason": self.reason,
+        }
+
+
+class _AuthFailure(Exception):  # noqa: N818 - internal signal
+    """Stop the run: authentication or permission is broken for every call."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class _LookupFailed(Exception):  # noqa: N818 - internal signal
+    """The machine's actions could not be read, so sending again is not safe yet."""
+
+    def __init__(self, error: ApiError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+@dataclass(slots=True)
+class _Item:
+    machine_id: str
+    attempts: int = 0
+    in_doubt: bool = False
+
+
+class Runner:
+    """Offboards the machines of a source, journaling every step.
+
+    Dependencies come in through the constructor: the client (and its token provider), the
+    open journal and its replay, and the throttles for offboard calls and for reads.
+    """
+
+    def __init__(
+        self,
+        *,
+        client: MdeClient,
+        tokens: TokenProvider,
+        journal: Journal,
+        replay: Replay,
+        throttle: Throttle,
+        read_throttle: Throttle,
+        settings: RunSettings,
+        rng: random.Random | None = None,
+        on_result: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self._client = client
+        self._tokens = tokens
+        self._journal = journal
+        self._replay = replay
+        self._throttle = throttle
+        self._reads = read_throttle
+        self.settings = settings
+        self._rng = rng or random.Random()
+        self._on_result = on_result
+        self.summary = Summary()
+        self._stop = asyncio.Event()
+        self._failure: str | None = None
+        self._forbidden_streak = 0
+        self._any_allowed = False
+        self._reads_forbidden = False
+        self._states: dict[str, str] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"Runner(run_id={self.settings.run_id!r}, workers={self.settings.workers}, "
+            f"calls={self.summary.calls}, stopping={self._stop.is_set()})"
+        )
+
+    def request_stop(self) -> None:
+        """Stop taking new machines; in-flight ones finish (SIGINT / SIGTERM)."""
+        if not self._stop.is_set():
+            log.warning("run.stop_requested", in_flight="finishing")
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        """True once a stop was requested or the run failed."""
+        return self._stop.is_set()
+
+    # -- the whole run ---------------------------------------------------------------------------
+
+    async def run(self, records: Iterable[SourceRecord]) -> Summary:
+        """Offboard every machine of ``records`` not already settled by the journal."""
+        for result in self._replay.results():
+            self.summary.counts[str(result.get("outcome"))] += 1
+            if result.get("machine_id"):
+                self._states[str(result["machine_id"])] = str(result.get("outcome"))
+        queue: asyncio.Queue[_Item | None] = asyncio.Queue(self.settings.queue_size)
+        workers = [
+            asyncio.create_task(self._worker(queue), name=f"worker-{n}")
+            for n in range(self.settings.workers)
+        ]
+        producer = asyncio.create_task(self._produce(records, queue), name="producer")
+        try:
+            await self._supervise(producer, workers)
+        finally:
+            for task in (producer, *workers):
+                task.cancel()
+            await asyncio.gather(producer, *workers, return_exceptions=True)
+            self.summary.finished = time.monotonic()
+        self._finish()
+        return self.summary
+
+    async def _supervise(self, producer: asyncio.Task[None], workers: list[asyncio.Task[None]]) -> None:
+        everything = asyncio.gather(producer, *workers)
+        stop = asyncio.create_task(self._stop.wait())
+        try:
+            done, _ = await asyncio.wait({everything, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if everything in done:
+                everything.result()  # re-raise a worker's unexpected error
+                return
+            # Stop requested: let in-flight machines finish, within the grace period.
+            try:
+                await asyncio.wait_for(asyncio.shield(everything), self.settings.shutdown_grace_s)
+            except TimeoutError:
+                log.warning("run.grace_expired", grace_s=self.settings.shutdown_grace_s)
+            if everything.done() and not everything.cancelled():
+                everything.result()
+        finally:
+            stop.cancel()
+            if not everything.done():
+                everything.cancel()
+                await asyncio.gather(everything, return_exceptions=True)
+
+    def _finish(self) -> None:
+        summary = self.summary
+        if self._failure is not None:
+            summary.exit_code, summary.reason = ExitCode.AUTH, self._failure
+        elif self._stop.is_set():
+            summary.exit_code, summary.reason = ExitCode.INTERRUPTED, "interrupted"
+        elif summary.counts.get(Outcome.FAILED, 0) > 0:
+            summary.exit_code, summary.reason = ExitCode.SOME_FAILED, "some machines failed"
+        else:
+            summary.exit_code, summary.reason = ExitCode.OK, "completed"
+
+    # -- producer ----------------------------------------------------------------------------------
+
+    async def _produce(
+        self, records: Iterable[SourceRecord], queue: asyncio.Queue[_Item | None]
+    ) -> None:
+        seen = Deduplicator()
+        replay = self._replay
+        for count, record in enumerate(records, start=1):
+            if count % 512 == 0:
+                await asyncio.sleep(0)  # reading is synchronous: let the workers run
+            if self._stop.is_set():
+                break
+            if record.machine_id is None:
+                if record.where not in replay.invalid_where:
+                    replay.invalid_where.add(record.where)
+                    self._record(
+                        None,
+                        Outcome.INVALID_ID,
+                        message=record.reason,
+                        extra={"where": record.where, "input": record.raw},
+                    )
+                continue
+            machine_id = record.machine_id
+            if not seen.add(machine_id):
+                continue  # a duplicate in the source
+            if replay.final_result(machine_id) is not None:
+                continue  # settled by an earlier session
+            state = replay.machines.get(machine_id)
+            if state is not None and state.result is not None:
+                self.summary.counts[str(state.result.get("outcome"))] -= 1  # tried again now
+            await queue.put(
+                _Item(
+                    machine_id,
+                    attempts=state.attempts if state else 0,
+                    in_doubt=bool(state and state.in_doubt),
+                )
+            )
+        for _ in range(self.settings.workers):
+            await queue.put(None)
+
+    # -- workers -----------------------------------------------------------------------------------
+
+    async def _worker(self, queue: asyncio.Queue[_Item | None]) -> None:
+        while True:
+            if self._stop.is_set():
+                return
+            try:
+                item = await asyncio.wait_for(queue.get(), timeout=1.0)
+            except TimeoutError:
+                continue
+            if item is None:
+                return
+            try:
+                await self._process(item)
+            except _LookupFailed as exc:
+                if not self._stop.is_set():
+                    self._record(
+                        item.machine_id,
+                        Outcome.FAILED,
+                        attempts=item.attempts,
+                        error=exc.error,
+                        message=f"could not check for an existing action: {exc.error}",
+                    )
+            except _AuthFailure as failure:
+                self._fail(failure.message)
+                return
+            except AuthError as exc:
+                self._fail(str(exc))
+                return
+
+    def _fail(self, message: str) -> None:
+        if self._failure is None:
+            self._failure = message
+            log.error("run.auth_failure", reason=message)
+        self._stop.set()
+
+    async def _process(self, item: _Item) -> None:
+        machine_id = item.machine_id
+        if item.in_doubt:
+            # The process before may have sent this request: look before sending again.
+            if await self._settle_from_actions(item, reason="in_doubt"):
+                self.summary.reconciled += 1
+                return
+            if self._stop.is_set():
+                return
+        await self._offboard(item)
+
+    async def _offboard(self, item: _Item) -> None:
+        settings = self.settings
+        machine_id = item.machine_id
+        transient = 0
+        throttled = 0
+        refreshed = False
+        last_error: ApiError | None = None
+        while True:
+            if self._stop.is_set() and (transient or throttled):
+                return  # mid-retry: leave it in doubt for the next run to reconcile
+            granted = await self._throttle.acquire()
+            item.attempts += 1
+            self._journal.append(
+                {"type": "attempt", "machine_id": machine_id, "attempt": item.attempts,
+                 "at": iso(utc_now())}
+            )
+            self.summary.calls += 1
+            try:
+                try:
+                    action = await self._client.offboard(machine_id, settings.api_comment)
+                finally:
+                    self._throttle.observe(self._throttle.now() - granted)
+            except ThrottledError as exc:
+                self.summary.throttled += 1
+                throttled += 1
+                self._throttle.pause(exc.retry_after_s)
+                log.info("offboard.throttled", machine_id=machine_id, retry_after_s=exc.retry_after_s)
+                if throttled >= settings.max_throttled:
+                    self._record(machine_id, Outcome.FAILED, attempts=item.attempts, error=exc)
+                    return
+                continue
+            except UnauthorizedError as exc:
+                # The client already refreshed the token; one more try, then give up the run.
+                if refreshed:
+                    raise _AuthFailure(f"the API keeps rejecting fresh tokens: {exc}") from None
+                refreshed = True
+                continue
+            except ConflictError as exc:
+                self._count_allowed()
+                if not await self._settle_from_actions(item, reason="conflict"):
+                    self._record(machine_id, Outcome.ALREADY_PENDING, attempts=item.attempts, error=exc)
+                return
+            except NotFoundError as exc:
+                self._count_allowed()
+                self._record(machine_id, Outcome.NOT_FOUND, attempts=item.attempts, error=exc)
+                return
+            except UnsupportedError as exc:
+                self._count_allowed()
+                self._record(machine_id, Outcome.UNSUPPORTED, attempts=item.attempts, error=exc)
+                return
+            except ForbiddenError as exc:
+                self._record(machine_id, Outcome.FORBIDDEN, attempts=item.attempts, error=exc)
+                self._count_forbidden(exc)
+                return
+            except BadRequestError as exc:
+                self._count_allowed()
+                self._record(machine_id, Outcome.FAILED, attempts=item.attempts, error=exc)
+                return
+            except RetryableError as exc:
+                last_error = exc
+                transient += 1
+                log.info("offboard.retry", machine_id=machine_id, error=str(exc), attempt=item.attempts)
+                # The request may have created an action before the failure: look first.
+                if await self._settle_from_actions(item, reason="ambiguous"):
+                    return
+                if transient >= settings.max_attempts:
+                    self._record(machine_id, Outcome.FAILED, attempts=item.attempts, error=last_error)
+                    return
+                await asyncio.sleep(self._backoff_s(transient))
+                continue
+            self._count_allowed()
+            self._record(machine_id, Outcome.OFFBOARDED, attempts=item.attempts, action=action)
+            return
+
+    def _backoff_s(self, failures: int) -> float:
+        """Capped exponential backoff with full jitter (never below a millisecond)."""
+        ceiling = min(self.settings.backoff_cap_s, self.settings.backoff_base_s * 2 ** (failures - 1))
+        return max(0.001, self._rng.uniform(ceiling / 2, ceiling))
+
+    def _count_allowed(self) -> None:
+        self._any_allowed = True
+        self._forbidden_streak = 0
+
+    def _count_forbidden(self, exc: ForbiddenError) -> None:
+        self._forbidden_streak += 1
+        if not self._any_allowed and self._forbidden_streak >= self.settings.forbidden_stop_after:
+            raise _AuthFailure(
+                f"every offboard call so far was forbidden ({self._forbidden_streak} in a row): "
+                f"the app needs the Machine.Offboard application permission with admin consent "
+                f"({exc})"
+            )
+
+    # -- reconciliation ----------------------------------------------------------------------------
+
+    async def _settle_from_actions(self, item: _Item, *, reason: str) -> bool:
+        """Look up the machine's Offboard actions; record the outcome if one settles it.
+
+        Ours (the comment carries this run's id) -> offboarded; someone else's, still open ->
+        already_pending. Returns False when nothing settles it (then a POST is needed).
+        """
+        actions = await self._read_actions(item.machine_id)
+        if actions is None:
+            return False
+        run_tag = f"bulkoffboard run {self.settings.run_id}"
+        ours = [a for a in actions if a.is_offboard and run_tag in (a.requestor_comment or "")]
+        if ours:
+            self._record(item.machine_id, Outcome.OFFBOARDED, attempts=item.attempts, action=ours[0],
+                         note=f"found after {reason}")
+            return True
+        open_ = [a for a in actions if a.is_offboard and a.status in ("Pending", "InProgress")]
+        if open_:
+            self._record(item.machine_id, Outcome.ALREADY_PENDING, attempts=item.attempts,
+                         action=open_[0], note=f"found after {reason}")
+            return True
+        return False
+
+    async def _read_actions(self, machine_id: str) -> list[MachineAction] | None:
+        """The machine's Offboard actions, retrying transient errors; None if unreadable."""
+        if self._reads_forbidden:
+            return None
+        failures = 0
+        refreshed = False
+        while True:
+            granted = await self._reads.acquire()
+            try:
+                try:
+                    return await self._client.offboard_actions_for(machine_id)
+                finally:
+                    self._reads.observe(self._reads.now() - granted)
+            except ThrottledError as exc:
+                self._reads.pause(exc.retry_after_s)
+            except UnauthorizedError:
+                if refreshed:
+                    raise _AuthFailure("the API keeps rejecting fresh tokens") from None
+                refreshed = True
+            except ForbiddenError:
+                self._reads_forbidden = True
+                log.warning(
+                    "reconcile.reads_forbidden",
+                    hint="grant Machine.Read.All so in-doubt machines can be checked before "
+                    "they are sent again",
+                )
+                return None
+            except RetryableError as exc:
+                failures += 1
+                if failures >= 2 * self.settings.max_attempts or self._stop.is_set():
+                    raise _LookupFailed(exc) from None
+                await asyncio.sleep(self._backoff_s(failures))
+            except ApiError as exc:
+                raise _LookupFailed(exc) from None
+
+    # -- journal -----------------------------------------------------------------------------------
+
+    def _record(
+        self,
+        machine_id: str | None,
+        outcome: Outcome,
+        *,
+        attempts: int = 0,
+        action: MachineAction | None = None,
+        error: ApiError | None = None,
+        message: str | None = None,
+        note: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        record: dict[str, Any] = {
+            "type": "result",
+            "machine_id": machine_id,
+            "outcome": outcome.value,
+            "action_id": action.id if action else None,
+            "action_status": action.status if action else None,
+            "http_status": error.status if error else None,
+            "error_code": error.code if error else None,
+            "message": message if message is not None else (str(error) if error else note),
+            "attempts": attempts,
+            "at": iso(utc_now()),
+        }
+        if extra:
+            record.update(extra)
+        self._journal.append(record, sync=True)
+        self.summary.counts[outcome.value] += 1
+        self.summary.session_counts[outcome.value] += 1
+        log.info("machine.result", machine_id=machine_id, outcome=outcome.value,
+                 action_id=record["action_id"], attempts=attempts)
+        if self._on_result is not None:
+            self._on_result(record)
+
+
+__all__ = ["ExitCode", "JournalError", "RunSettings", "Runner", "Summary"]
