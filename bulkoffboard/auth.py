@@ -85,7 +85,9 @@ def load_certificate(path: Path, password: str | None) -> dict[str, Any]:
     if path.suffix.lower() in (".pfx", ".p12") or not data.lstrip().startswith(b"-----"):
         return {"private_key_pfx_path": str(path), "passphrase": password}
     text = data.decode("ascii", errors="replace")
-    key = re.search(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.+?-----END [A-Z ]*PRIVATE KEY-----", text, re.S)
+    key = re.search(
+        r"-----BEGIN [A-Z ]*PRIVATE KEY-----.+?-----END [A-Z ]*PRIVATE KEY-----", text, re.S
+    )
     certs = re.findall(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", text, re.S)
     if key is None or not certs:
         raise AuthError(
@@ -114,7 +116,7 @@ def _describe(result: dict[str, Any]) -> tuple[str, str | None]:
     match = _AADSTS.search(description)
     code = f"AADSTS{match.group(1)}" if match else str(result.get("error") or "") or None
     # Keep the first sentence; the rest is trace and correlation ids.
-    first = description.split(" Trace ID:")[0].strip()
+    first = description.split(" Trace ID:", maxsplit=1)[0].strip()
     first = first.split("\r\n")[0].split("\n")[0]
     return first or str(result.get("error") or "unknown error"), code
 
@@ -237,6 +239,10 @@ class MsalTokenProvider:
     async def refresh(self, stale: str) -> str:
         """A new token after ``stale`` was rejected; one refresh serves every waiting caller."""
         async with self._lock:
-            if self._token is not None and self._token != stale and self._clock() < self._refresh_at:
+            if (
+                self._token is not None
+                and self._token != stale
+                and self._clock() < self._refresh_at
+            ):
                 return self._token
             return await self._fetch(force=True)

@@ -75,7 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="offboard the machines listed in a file or on stdin")
     run.add_argument(
-        "--ids", required=True, metavar="PATH", help="machine ids: text, CSV, JSON or JSONL; - for stdin"
+        "--ids",
+        required=True,
+        metavar="PATH",
+        help="machine ids: text, CSV, JSON or JSONL; - for stdin",
     )
     run.add_argument(
         "--ids-format", choices=("auto", *FORMATS), default="auto", help="the --ids format"
@@ -91,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     resume = commands.add_parser("resume", help="continue an interrupted run from its journal")
     resume.add_argument("--journal", required=True, metavar="PATH")
-    resume.add_argument("--config", metavar="PATH", help="a TOML config file (or BULKOFFBOARD_CONFIG)")
+    resume.add_argument(
+        "--config", metavar="PATH", help="a TOML config file (or BULKOFFBOARD_CONFIG)"
+    )
     resume.add_argument("--workers", type=int, metavar="N", help="override the run's workers")
     _add_limits(resume)
     _add_common(resume)
@@ -193,9 +198,13 @@ async def execute(plan: Plan, conn: config.Connection) -> Summary:
     summary: Summary | None = None
     try:
         journal.append(
-            {"type": "session", "at": iso(utc_now()), "pid": os.getpid(),
-             "command": "run" if plan.header is not None else "resume",
-             "tool_version": __version__},
+            {
+                "type": "session",
+                "at": iso(utc_now()),
+                "pid": os.getpid(),
+                "command": "run" if plan.header is not None else "resume",
+                "tool_version": __version__,
+            },
             sync=True,
         )
         summary = await _run_session(plan, conn, tokens, journal, replay)
@@ -203,8 +212,11 @@ async def execute(plan: Plan, conn: config.Connection) -> Summary:
     finally:
         end: dict[str, Any] = {"type": "end", "at": iso(utc_now())}
         if summary is not None:
-            end |= {"exit_code": int(summary.exit_code), "reason": summary.reason,
-                    "counts": summary.as_dict()["counts"]}
+            end |= {
+                "exit_code": int(summary.exit_code),
+                "reason": summary.reason,
+                "counts": summary.as_dict()["counts"],
+            }
         with contextlib.suppress(JournalError):
             journal.append(end, sync=True)
         journal.close()
@@ -215,7 +227,9 @@ async def _run_session(
 ) -> Summary:
     connector = aiohttp.TCPConnector(limit=plan.workers + 4)
     timeout = aiohttp.ClientTimeout(total=90, connect=15, sock_read=60)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=True) as session:
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=timeout, trust_env=True
+    ) as session:
         client = MdeClient(session, conn.api_url, tokens, ssl_context=_ssl_for(conn))
         throttle = Throttle(plan.limits, name="offboard")
         seeded = throttle.seed(Throttle.wall_to_clock(replay.recent_sends, throttle.now()))
@@ -283,6 +297,31 @@ def cmd_run(args: argparse.Namespace) -> int:
         source_path = Path(args.ids).expanduser().absolute()
         kind = "file"
     fmt = detect_format(source_path, None if args.ids_format == "auto" else args.ids_format)
+    plan = new_plan(
+        journal_path=journal_path,
+        source={"kind": kind, "path": str(source_path), "format": fmt},
+        comment=comment,
+        workers=workers,
+        limits=limits,
+        conn=conn,
+    )
+    summary = asyncio.run(execute(plan, conn))
+    _print_summary(summary, journal_path, plan.run_id)
+    return int(summary.exit_code)
+
+
+def new_plan(
+    *,
+    journal_path: Path,
+    source: dict[str, Any],
+    comment: str,
+    workers: int,
+    limits: tuple[Limit, ...],
+    conn: config.Connection,
+) -> Plan:
+    """A fresh run: a new run id and the journal header that records everything resume needs
+    (never a secret)."""
+    source_path = Path(str(source["path"]))
     run_id = str(uuid.uuid4())
     header = {
         "format": FORMAT_VERSION,
@@ -290,12 +329,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "tool_version": __version__,
         "run_id": run_id,
         "created_at": iso(utc_now()),
-        "source": {
-            "kind": kind,
-            "path": str(source_path),
-            "format": fmt,
-            "sha256": _sha256(source_path),
-        },
+        "source": {**source, "sha256": _sha256(source_path)},
         "comment": comment,
         "limits": [[limit.calls, limit.period_s] for limit in limits],
         "workers": workers,
@@ -303,14 +337,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         "tenant_id": conn.tenant_id,
         "client_id": conn.client_id,
     }
-    plan = Plan(journal_path, source_path, fmt, comment, run_id, workers, limits, header)
-    summary = asyncio.run(execute(plan, conn))
-    _print_summary(summary, journal_path, run_id)
-    return int(summary.exit_code)
+    return Plan(
+        journal_path, source_path, str(source["format"]), comment, run_id, workers, limits, header
+    )
 
 
-def plan_resume(journal_path: Path, limit_args: list[str] | None, workers_arg: int | None,
-                file_cfg: dict[str, Any]) -> Plan:
+def plan_resume(
+    journal_path: Path,
+    limit_args: list[str] | None,
+    workers_arg: int | None,
+    file_cfg: dict[str, Any],
+) -> Plan:
     """Read what a journal recorded and check its source is unchanged."""
     header = replay_file(journal_path).header
     source = header.get("source") or {}

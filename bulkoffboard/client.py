@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
+import math
 import ssl
 import time
 import urllib.parse
@@ -51,7 +51,7 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float:
         except (TypeError, ValueError):
             return DEFAULT_RETRY_AFTER_S
         seconds = moment.timestamp() - (time.time() if now is None else now)
-    if seconds != seconds:  # NaN
+    if math.isnan(seconds):
         return DEFAULT_RETRY_AFTER_S
     return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
 
@@ -73,8 +73,10 @@ def error_for(
 ) -> ApiError:
     """Map an HTTP error status and body to the error tree (branch on ``code``, not text)."""
     code, message, target = _error_fields(body)
-    text = f"{what}: HTTP {status}" + (f" {code}" if code else "") + (
-        f": {message[:300]}" if message else ""
+    text = (
+        f"{what}: HTTP {status}"
+        + (f" {code}" if code else "")
+        + (f": {message[:300]}" if message else "")
     )
     kwargs: dict[str, Any] = {
         "status": status,
@@ -99,9 +101,7 @@ def error_for(
     return BadRequestError(text, **kwargs)
 
 
-def _odata_params(
-    filter_: str | None, top: int | None, skip: int | None
-) -> dict[str, str]:
+def _odata_params(filter_: str | None, top: int | None, skip: int | None) -> dict[str, str]:
     params: dict[str, str] = {}
     if filter_:
         params["$filter"] = filter_
@@ -162,7 +162,7 @@ class MdeClient:
                 f"TLS verification failed for {self.api_url}: {exc.certificate_error}; "
                 "set BULKOFFBOARD_CA_BUNDLE to the CA that signs it"
             ) from None
-        except (aiohttp.ClientError, TimeoutError, asyncio.TimeoutError) as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
             reason = type(exc).__name__
             raise TransportError(f"{what}: {reason}", machine_id=machine_id) from None
         try:
@@ -199,7 +199,9 @@ class MdeClient:
     ) -> list[MachineAction]:
         """``GET /api/machineactions`` with an OData filter (newest first)."""
         _, body = await self._call(
-            "GET", "/api/machineactions", what="list machine actions",
+            "GET",
+            "/api/machineactions",
+            what="list machine actions",
             params=_odata_params(filter_, top, skip),
         )
         values = body.get("value") if isinstance(body, dict) else None
@@ -230,7 +232,9 @@ class MdeClient:
         """``GET /api/machines`` with an OData filter; one page."""
         try:
             _, body = await self._call(
-                "GET", "/api/machines", what="list machines",
+                "GET",
+                "/api/machines",
+                what="list machines",
                 params=_odata_params(filter_, top, skip),
             )
         except NotFoundError:
@@ -241,7 +245,9 @@ class MdeClient:
     async def run_hunting(self, query: str) -> list[dict[str, Any]]:
         """``POST /api/advancedqueries/run``; the result rows."""
         _, body = await self._call(
-            "POST", "/api/advancedqueries/run", what="advanced hunting query",
+            "POST",
+            "/api/advancedqueries/run",
+            what="advanced hunting query",
             json={"Query": query},
         )
         rows = body.get("Results") if isinstance(body, dict) else None

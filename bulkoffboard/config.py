@@ -76,7 +76,9 @@ def load_file(path: Path) -> dict[str, Any]:
             name = expected.__name__ if isinstance(expected, type) else "value"
             raise UsageError(f"config file {path}: key {key!r} must be a {name}, not {value!r}")
     if "limits" in data:
-        data["limits"] = [_limit(item, f"config file {path}: key 'limits'") for item in data["limits"]]
+        data["limits"] = [
+            _limit(item, f"config file {path}: key 'limits'") for item in data["limits"]
+        ]
     if "workers" in data and not 1 <= data["workers"] <= 256:
         raise UsageError(f"config file {path}: key 'workers' must be 1 to 256")
     return data
@@ -140,12 +142,15 @@ def connection(env: Mapping[str, str], file: Mapping[str, Any]) -> Connection:
         try:
             secret = secret_path.read_text(encoding="utf-8").strip()
         except OSError as exc:
-            raise UsageError(f"cannot read client_secret_file {secret_path}: {exc.strerror}") from None
+            raise UsageError(
+                f"cannot read client_secret_file {secret_path}: {exc.strerror}"
+            ) from None
     if not secret and not certificate:
         missing.append("AZURE_CLIENT_SECRET (or AZURE_CLIENT_CERTIFICATE_PATH)")
     if missing:
         raise UsageError(f"missing connection settings: {', '.join(missing)}")
-    assert tenant is not None and client is not None  # noqa: S101 - checked just above
+    assert tenant is not None  # noqa: S101 - checked just above
+    assert client is not None  # noqa: S101 - checked just above
     credential = (
         ClientCredential(secret=secret)
         if secret
@@ -161,7 +166,9 @@ def connection(env: Mapping[str, str], file: Mapping[str, Any]) -> Connection:
     api_url = check_url(str(pick("BULKOFFBOARD_API_URL", "api_url", DEFAULT_API_URL)), "API URL")
     authority = str(pick("AZURE_AUTHORITY_HOST", "authority_host", DEFAULT_AUTHORITY_HOST))
     if not authority.startswith("https://"):
-        raise UsageError(f"AZURE_AUTHORITY_HOST must be https (msal requires it), not {authority!r}")
+        raise UsageError(
+            f"AZURE_AUTHORITY_HOST must be https (msal requires it), not {authority!r}"
+        )
     return Connection(
         tenant_id=tenant,
         client_id=client,

@@ -15,7 +15,14 @@ from typing import Any
 
 from bulkoffboard import config
 from bulkoffboard.auth import ClientCredential
-from bulkoffboard.emulator import AppRegistration, EmulatorConfig, EmulatorServer, Faults, FleetSpec
+from bulkoffboard.emulator import (
+    AppRegistration,
+    Emulator,
+    EmulatorConfig,
+    EmulatorServer,
+    Faults,
+    FleetSpec,
+)
 from bulkoffboard.emulator.app import ALL_ROLES, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
 from bulkoffboard.runner import ExitCode
 from bulkoffboard.throttle import Limit
@@ -23,38 +30,99 @@ from bulkoffboard.throttle import Limit
 
 def _emulator_arguments(parser: argparse.ArgumentParser, *, demo: bool) -> None:
     fleet = parser.add_argument_group("fleet")
-    fleet.add_argument("--machines", type=int, default=1200 if demo else 200,
-                       help="fleet size (default %(default)s)")
+    fleet.add_argument(
+        "--machines",
+        type=int,
+        default=1200 if demo else 200,
+        help="fleet size (default %(default)s)",
+    )
     fleet.add_argument("--seed", type=int, default=1, help="fleet and fault seed")
-    fleet.add_argument("--pending-fraction", type=float, default=0.02,
-                       help="share of machines that already carry a pending offboard action")
+    fleet.add_argument(
+        "--pending-fraction",
+        type=float,
+        default=0.02,
+        help="share of machines that already carry a pending offboard action",
+    )
     timing = parser.add_argument_group("time")
-    timing.add_argument("--time-scale", type=float, default=0.01 if demo else 1.0,
-                        help="multiplies every rate window: 0.01 plays an hour in 36 s "
-                        "(default %(default)s)")
+    timing.add_argument(
+        "--time-scale",
+        type=float,
+        default=0.01 if demo else 1.0,
+        help="multiplies every rate window: 0.01 plays an hour in 36 s (default %(default)s)",
+    )
     timing.add_argument("--token-lifetime", type=float, default=3600.0, metavar="SECONDS")
-    timing.add_argument("--action-start", type=float, default=2.0, metavar="SECONDS",
-                        help="Pending -> InProgress delay for online devices")
-    timing.add_argument("--action-complete", type=float, default=10.0, metavar="SECONDS",
-                        help="InProgress -> Succeeded delay for online devices")
-    timing.add_argument("--action-timeout", type=float, default=3 * 86400.0, metavar="SECONDS",
-                        help="offline devices stay Pending this long, then TimeOut")
+    timing.add_argument(
+        "--action-start",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="Pending -> InProgress delay for online devices",
+    )
+    timing.add_argument(
+        "--action-complete",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="InProgress -> Succeeded delay for online devices",
+    )
+    timing.add_argument(
+        "--action-timeout",
+        type=float,
+        default=3 * 86400.0,
+        metavar="SECONDS",
+        help="offline devices stay Pending this long, then TimeOut",
+    )
     faults = parser.add_argument_group("faults")
-    faults.add_argument("--error-rate", type=float, default=0.0, help="share of API calls answered 500")
-    faults.add_argument("--abort-before-rate", type=float, default=0.0,
-                        help="share of calls whose connection drops before processing")
-    faults.add_argument("--abort-after-rate", type=float, default=0.0,
-                        help="share of calls processed (action created) then dropped")
-    faults.add_argument("--latency", type=float, default=0.0, metavar="SECONDS",
-                        help="extra delay before a call is counted")
-    faults.add_argument("--jitter", type=float, default=0.0, metavar="SECONDS",
-                        help="random extra delay, uniform up to this")
-    faults.add_argument("--burst-every", type=float, default=0.0, metavar="SECONDS",
-                        help="forced 429 bursts: one every this many seconds")
-    faults.add_argument("--burst-length", type=float, default=0.0, metavar="SECONDS",
-                        help="how long each forced 429 burst lasts")
-    faults.add_argument("--offboard-status", type=int, choices=(200, 201), default=201,
-                        help="success status of offboard (the docs show both)")
+    faults.add_argument(
+        "--error-rate", type=float, default=0.0, help="share of API calls answered 500"
+    )
+    faults.add_argument(
+        "--abort-before-rate",
+        type=float,
+        default=0.0,
+        help="share of calls whose connection drops before processing",
+    )
+    faults.add_argument(
+        "--abort-after-rate",
+        type=float,
+        default=0.0,
+        help="share of calls processed (action created) then dropped",
+    )
+    faults.add_argument(
+        "--latency",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="extra delay before a call is counted",
+    )
+    faults.add_argument(
+        "--jitter",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="random extra delay, uniform up to this",
+    )
+    faults.add_argument(
+        "--burst-every",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="forced 429 bursts: one every this many seconds",
+    )
+    faults.add_argument(
+        "--burst-length",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="how long each forced 429 burst lasts",
+    )
+    faults.add_argument(
+        "--offboard-status",
+        type=int,
+        choices=(200, 201),
+        default=201,
+        help="success status of offboard (the docs show both)",
+    )
 
 
 def _emulator_config(args: argparse.Namespace, **extra: Any) -> EmulatorConfig:
@@ -80,9 +148,7 @@ def _emulator_config(args: argparse.Namespace, **extra: Any) -> EmulatorConfig:
     )
 
 
-def add_commands(
-    commands: Any, add_common: Callable[[argparse.ArgumentParser], None]
-) -> None:
+def add_commands(commands: Any, add_common: Callable[[argparse.ArgumentParser], None]) -> None:
     """Register ``emulate`` and ``demo`` on the CLI's subparsers."""
     emulate = commands.add_parser(
         "emulate",
@@ -94,13 +160,19 @@ def add_commands(
     emulate.add_argument("--host", default="127.0.0.1", help="loopback address only")
     emulate.add_argument("--port", type=int, default=0, help="port (default: a free one)")
     emulate.add_argument("--ca-out", metavar="PATH", help="write the throwaway CA's PEM here")
-    emulate.add_argument("--plain-http", action="store_true",
-                         help="serve plain HTTP (tokens then cannot be had through msal)")
+    emulate.add_argument(
+        "--plain-http",
+        action="store_true",
+        help="serve plain HTTP (tokens then cannot be had through msal)",
+    )
     emulate.add_argument("--tenant-id", default=EmulatorConfig().tenant_id)
     emulate.add_argument("--client-id", default=DEFAULT_CLIENT_ID)
     emulate.add_argument("--client-secret", default=DEFAULT_CLIENT_SECRET)
-    emulate.add_argument("--roles", default=",".join(ALL_ROLES),
-                         help="comma-separated application roles of the client's tokens")
+    emulate.add_argument(
+        "--roles",
+        default=",".join(ALL_ROLES),
+        help="comma-separated application roles of the client's tokens",
+    )
     emulate.add_argument("--write-ids", metavar="PATH", help="write the fleet's machine ids here")
     _emulator_arguments(emulate, demo=False)
     add_common(emulate)
@@ -113,7 +185,9 @@ def add_commands(
         "bad lines, run the real client, throttle and journal against it, print the summary "
         "and check it against the emulator's ground truth.",
     )
-    demo.add_argument("--workdir", metavar="DIR", help="where the journal and ids go (default: a temp dir)")
+    demo.add_argument(
+        "--workdir", metavar="DIR", help="where the journal and ids go (default: a temp dir)"
+    )
     demo.add_argument("--workers", type=int, default=8)
     _emulator_arguments(demo, demo=True)
     add_common(demo)
@@ -127,27 +201,24 @@ def cmd_emulate(args: argparse.Namespace) -> int:
         secret=args.client_secret,
         roles=tuple(r.strip() for r in args.roles.split(",") if r.strip()),
     )
-    emulator_config = _emulator_config(args, tenant_id=args.tenant_id, apps=(app,))
+    emulator = Emulator(_emulator_config(args, tenant_id=args.tenant_id, apps=(app,)))
+    if args.write_ids:
+        Path(args.write_ids).write_text("\n".join(emulator.machines) + "\n", encoding="utf-8")
+    ca_path = Path(args.ca_out).absolute() if args.ca_out else None
 
     async def serve() -> None:
         server = EmulatorServer(
-            config=emulator_config,
-            host=args.host,
-            port=args.port,
-            tls=not args.plain_http,
-            ca_path=Path(args.ca_out) if args.ca_out else None,
+            emulator, host=args.host, port=args.port, tls=not args.plain_http, ca_path=ca_path
         )
         async with server:
-            if args.write_ids:
-                Path(args.write_ids).write_text("\n".join(server.emulator.machines) + "\n")
             out = sys.stdout
             out.write(f"emulator listening on {server.base_url}\n")
             out.write(f"export BULKOFFBOARD_API_URL={server.base_url}\n")
             out.write(f"export AZURE_AUTHORITY_HOST={server.base_url}\n")
             out.write(f"export AZURE_TENANT_ID={args.tenant_id}\n")
             out.write(f"export AZURE_CLIENT_ID={args.client_id}\n")
-            if args.ca_out:
-                out.write(f"export BULKOFFBOARD_CA_BUNDLE={Path(args.ca_out).absolute()}\n")
+            if ca_path is not None:
+                out.write(f"export BULKOFFBOARD_CA_BUNDLE={ca_path}\n")
             out.write("(AZURE_CLIENT_SECRET is the --client-secret value)\n")
             out.flush()
             stop = asyncio.Event()
@@ -166,31 +237,31 @@ def _write_demo_ids(path: Path, machine_ids: list[str], rng: random.Random) -> i
     lines += [m.upper() if rng.random() < 0.05 else m for m in machine_ids]
     lines += rng.sample(machine_ids, k=min(5, len(machine_ids)))  # duplicates
     lines += ["not-a-machine-id", "../../etc/passwd", "0123456789abcdef0123456789abcdef0123456"]
-    lines += ["%040x" % rng.getrandbits(160) for _ in range(3)]  # well-formed, unknown
+    lines += [f"{rng.getrandbits(160):040x}" for _ in range(3)]  # well-formed, unknown
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return len(lines)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the whole product against an in-process emulator and check the ground truth."""
-    from bulkoffboard.cli import Plan, execute  # noqa: PLC0415 - cli imports this module
-    from bulkoffboard.journal import FORMAT_VERSION, TOOL, iso, replay_file, utc_now  # noqa: PLC0415
-    from bulkoffboard import __version__, report  # noqa: PLC0415
+    from bulkoffboard import report  # noqa: PLC0415
+    from bulkoffboard.cli import execute, new_plan  # noqa: PLC0415 - cli imports this module
+    from bulkoffboard.journal import replay_file  # noqa: PLC0415
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bulkoffboard-demo-")).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     scale = args.time_scale
     limits = (Limit(100, 60.0 * scale), Limit(1500, 3600.0 * scale))
+    emulator = Emulator(_emulator_config(args))
+    ids_path = workdir / "ids.txt"
+    journal_path = workdir / "journal.jsonl"
+    ca_path = workdir / "emulator-ca.pem"
+    for stale in (journal_path, journal_path.with_name(journal_path.name + ".lock")):
+        stale.unlink(missing_ok=True)
+    _write_demo_ids(ids_path, list(emulator.machines), random.Random(args.seed))
 
     async def demo() -> int:
-        server = EmulatorServer(config=_emulator_config(args), ca_path=workdir / "emulator-ca.pem")
-        async with server:
-            emulator = server.emulator
-            ids_path = workdir / "ids.txt"
-            journal_path = workdir / "journal.jsonl"
-            for stale in (journal_path, journal_path.with_name(journal_path.name + ".lock")):
-                stale.unlink(missing_ok=True)
-            _write_demo_ids(ids_path, list(emulator.machines), random.Random(args.seed))
+        async with EmulatorServer(emulator, ca_path=ca_path) as server:
             conn = config.Connection(
                 tenant_id=emulator.config.tenant_id,
                 client_id=DEFAULT_CLIENT_ID,
@@ -198,36 +269,44 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 api_url=server.base_url,
                 authority_host=server.base_url,
                 scope=config.DEFAULT_SCOPE,
-                ca_bundle=workdir / "emulator-ca.pem",
+                ca_bundle=ca_path,
             )
-            import uuid  # noqa: PLC0415
-
-            run_id = str(uuid.uuid4())
-            header = {
-                "format": FORMAT_VERSION, "tool": TOOL, "tool_version": __version__,
-                "run_id": run_id, "created_at": iso(utc_now()),
-                "source": {"kind": "file", "path": str(ids_path), "format": "text"},
-                "comment": "bulkoffboard demo", "limits": [[x.calls, x.period_s] for x in limits],
-                "workers": args.workers, "api_url": conn.api_url,
-                "tenant_id": conn.tenant_id, "client_id": conn.client_id,
-            }
+            plan = new_plan(
+                journal_path=journal_path,
+                source={"kind": "file", "path": str(ids_path), "format": "text"},
+                comment="bulkoffboard demo",
+                workers=args.workers,
+                limits=limits,
+                conn=conn,
+            )
             sys.stdout.write(
                 f"demo: emulator at {server.base_url}, {len(emulator.machines)} machines, "
                 f"windows scaled x{scale:g} ({limits[0]} and {limits[1]})\n"
             )
             sys.stdout.flush()
-            plan = Plan(journal_path, ids_path, "text", "bulkoffboard demo", run_id,
-                        args.workers, limits, header)
             summary = await execute(plan, conn)
-            sys.stdout.write(report.render_table(replay_file(journal_path)))
-            return _check_truth(summary.as_dict(), emulator, run_id, limits, journal_path,
-                                int(summary.exit_code))
+            return _check_truth(
+                summary.as_dict(),
+                emulator,
+                run_id=plan.run_id,
+                limits=limits,
+                exit_code=int(summary.exit_code),
+            )
 
-    return asyncio.run(demo())
+    code = asyncio.run(demo())
+    sys.stdout.write(report.render_table(replay_file(journal_path)))
+    sys.stdout.write(f"journal: {journal_path}\n")
+    return code
 
 
-def _check_truth(summary: dict[str, Any], emulator: Any, run_id: str, limits: tuple[Limit, ...],
-                 journal_path: Path, exit_code: int) -> int:
+def _check_truth(
+    summary: dict[str, Any],
+    emulator: Emulator,
+    *,
+    run_id: str,
+    limits: tuple[Limit, ...],
+    exit_code: int,
+) -> int:
     """Compare the run's summary with what the emulator saw."""
     truth = emulator.truth
     ours = [a for a in emulator.actions.values() if run_id in a.comment]
@@ -236,16 +315,12 @@ def _check_truth(summary: dict[str, Any], emulator: Any, run_id: str, limits: tu
         per_machine[action.machine_id] = per_machine.get(action.machine_id, 0) + 1
     twice = sum(1 for n in per_machine.values() if n > 1)
     offboarded = summary["counts"].get("offboarded", 0)
-    windows = {
-        f"{lim}": truth.max_in_window.get(f"offboard {lim.period_s:g}", 0) for lim in limits
-    }
+    windows = {f"{lim}": truth.max_in_window.get(f"offboard {lim.period_s:g}", 0) for lim in limits}
     checks = {
-        "offboarded in the journal = actions the emulator created for this run":
-            offboarded == len(per_machine),
+        "offboarded in the journal = actions the emulator created for this run": offboarded
+        == len(per_machine),
         "no machine offboarded twice": twice == 0,
-        "no window over its limit": all(
-            windows[f"{lim}"] <= lim.calls for lim in limits
-        ),
+        "no window over its limit": all(windows[f"{lim}"] <= lim.calls for lim in limits),
         "no 429 served": truth.throttled.get("offboard", 0) == 0,
     }
     out = sys.stdout
@@ -257,10 +332,7 @@ def _check_truth(summary: dict[str, Any], emulator: Any, run_id: str, limits: tu
     )
     for name, ok in checks.items():
         out.write(f"  [{'ok' if ok else 'MISMATCH'}] {name}\n")
-    out.write(f"journal: {journal_path}\n")
     out.flush()
     if not all(checks.values()):
         return int(ExitCode.SOME_FAILED)
     return exit_code
-
-

@@ -91,6 +91,14 @@ class _Lock:
             self._fd = None
 
 
+def _refuse_existing(fd: int, path: Path) -> None:
+    if os.fstat(fd).st_size > 0:
+        raise JournalError(
+            f"journal {path} already exists; use 'bulkoffboard resume --journal {path}' "
+            "to continue it, or choose a new path"
+        )
+
+
 class Journal:
     """An open, locked journal that appends whole lines. Use :meth:`create` or :meth:`resume`."""
 
@@ -114,21 +122,18 @@ class Journal:
         lock = _Lock(path)
         lock.acquire()
         try:
-            if path.exists() and path.stat().st_size > 0:
-                raise JournalError(
-                    f"journal {path} already exists; use 'bulkoffboard resume --journal {path}' "
-                    "to continue it, or choose a new path"
-                )
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            except OSError as exc:
-                raise JournalError(f"cannot create journal {path}: {exc.strerror}") from None
-            journal = cls(path, fd, lock)
-            journal.append({"type": "header", **header}, sync=True)
-            return journal
-        except BaseException:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        except OSError as exc:
             lock.release()
+            raise JournalError(f"cannot create journal {path}: {exc.strerror}") from None
+        journal = cls(path, fd, lock)
+        try:
+            _refuse_existing(fd, path)
+            journal.append({"type": "header", **header}, sync=True)
+        except BaseException:
+            journal.close()
             raise
+        return journal
 
     @classmethod
     def resume(cls, path: Path) -> tuple[Journal, Replay]:

@@ -12,7 +12,9 @@ import orjson
 import structlog
 
 #: Keys whose values never reach a log line.
-_SECRET_KEY = re.compile(r"secret|token|password|passphrase|authorization|assertion|credential", re.I)
+_SECRET_KEY = re.compile(
+    r"secret|token|password|passphrase|authorization|assertion|credential", re.I
+)
 #: Values that look like bearer tokens or JWTs, wherever they appear.
 _SECRET_VALUE = re.compile(r"(Bearer\s+)[A-Za-z0-9._~+/=-]+|eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9._-]+")
 REDACTED = "[REDACTED]"
@@ -65,7 +67,9 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
     ]
     if fmt == "json":
         processors.append(structlog.processors.JSONRenderer(serializer=orjson.dumps))
-        factory: Any = structlog.BytesLoggerFactory(file=stream.buffer if hasattr(stream, "buffer") else None)
+        factory: Any = structlog.BytesLoggerFactory(
+            file=stream.buffer if hasattr(stream, "buffer") else None
+        )
     else:
         processors.append(structlog.dev.ConsoleRenderer(colors=stream.isatty()))
         factory = structlog.PrintLoggerFactory(file=stream)

@@ -128,13 +128,13 @@ def render_table(replay: Replay) -> str:
     if info["in_doubt"]:
         lines.append(f"{'in doubt':<18}{info['in_doubt']:>10}")
     lines.append(f"{'total':<18}{info['total']:>10}")
-    attention = [
-        r for r in rows(replay) if r["outcome"] in ("failed", "forbidden", "in_doubt")
-    ]
+    attention = [r for r in rows(replay) if r["outcome"] in ("failed", "forbidden", "in_doubt")]
     if attention:
         lines += ["", "needs attention:"]
         for row in attention[:20]:
-            lines.append(f"  {row['machine_id'] or row['where']}  {row['outcome']}  {row['message']}")
+            lines.append(
+                f"  {row['machine_id'] or row['where']}  {row['outcome']}  {row['message']}"
+            )
         if len(attention) > 20:
             lines.append(f"  ... and {len(attention) - 20} more (see --format csv)")
     return "\n".join(lines) + "\n"

@@ -116,7 +116,7 @@ class Summary:
         }
 
 
-class _AuthFailure(Exception):  # noqa: N818 - internal signal
+class _AuthFailure(Exception):
     """Stop the run: authentication or permission is broken for every call."""
 
     def __init__(self, message: str) -> None:
@@ -124,7 +124,7 @@ class _AuthFailure(Exception):  # noqa: N818 - internal signal
         self.message = message
 
 
-class _LookupFailed(Exception):  # noqa: N818 - internal signal
+class _LookupFailed(Exception):
     """The machine's actions could not be read, so sending again is not safe yet."""
 
     def __init__(self, error: ApiError) -> None:
@@ -217,9 +217,11 @@ class Runner:
         self._finish()
         return self.summary
 
-    async def _supervise(self, producer: asyncio.Task[None], workers: list[asyncio.Task[None]]) -> None:
-        everything = asyncio.gather(producer, *workers)
-        stop = asyncio.create_task(self._stop.wait())
+    async def _supervise(
+        self, producer: asyncio.Task[None], workers: list[asyncio.Task[None]]
+    ) -> None:
+        everything: asyncio.Future[Any] = asyncio.gather(producer, *workers)
+        stop: asyncio.Future[Any] = asyncio.create_task(self._stop.wait())
         try:
             done, _ = await asyncio.wait({everything, stop}, return_when=asyncio.FIRST_COMPLETED)
             if everything in done:
@@ -326,7 +328,6 @@ class Runner:
         self._stop.set()
 
     async def _process(self, item: _Item) -> None:
-        machine_id = item.machine_id
         if item.in_doubt:
             # The process before may have sent this request: look before sending again.
             if await self._settle_from_actions(item, reason="in_doubt"):
@@ -349,8 +350,12 @@ class Runner:
             granted = await self._throttle.acquire()
             item.attempts += 1
             self._journal.append(
-                {"type": "attempt", "machine_id": machine_id, "attempt": item.attempts,
-                 "at": iso(utc_now())}
+                {
+                    "type": "attempt",
+                    "machine_id": machine_id,
+                    "attempt": item.attempts,
+                    "at": iso(utc_now()),
+                }
             )
             self.summary.calls += 1
             try:
@@ -362,7 +367,9 @@ class Runner:
                 self.summary.throttled += 1
                 throttled += 1
                 self._throttle.pause(exc.retry_after_s)
-                log.info("offboard.throttled", machine_id=machine_id, retry_after_s=exc.retry_after_s)
+                log.info(
+                    "offboard.throttled", machine_id=machine_id, retry_after_s=exc.retry_after_s
+                )
                 if throttled >= settings.max_throttled:
                     self._record(machine_id, Outcome.FAILED, attempts=item.attempts, error=exc)
                     return
@@ -376,7 +383,9 @@ class Runner:
             except ConflictError as exc:
                 self._count_allowed()
                 if not await self._settle_from_actions(item, reason="conflict"):
-                    self._record(machine_id, Outcome.ALREADY_PENDING, attempts=item.attempts, error=exc)
+                    self._record(
+                        machine_id, Outcome.ALREADY_PENDING, attempts=item.attempts, error=exc
+                    )
                 return
             except NotFoundError as exc:
                 self._count_allowed()
@@ -397,12 +406,16 @@ class Runner:
             except RetryableError as exc:
                 last_error = exc
                 transient += 1
-                log.info("offboard.retry", machine_id=machine_id, error=str(exc), attempt=item.attempts)
+                log.info(
+                    "offboard.retry", machine_id=machine_id, error=str(exc), attempt=item.attempts
+                )
                 # The request may have created an action before the failure: look first.
                 if await self._settle_from_actions(item, reason="ambiguous"):
                     return
                 if transient >= settings.max_attempts:
-                    self._record(machine_id, Outcome.FAILED, attempts=item.attempts, error=last_error)
+                    self._record(
+                        machine_id, Outcome.FAILED, attempts=item.attempts, error=last_error
+                    )
                     return
                 await asyncio.sleep(self._backoff_s(transient))
                 continue
@@ -412,7 +425,9 @@ class Runner:
 
     def _backoff_s(self, failures: int) -> float:
         """Capped exponential backoff with full jitter (never below a millisecond)."""
-        ceiling = min(self.settings.backoff_cap_s, self.settings.backoff_base_s * 2 ** (failures - 1))
+        ceiling = min(
+            self.settings.backoff_cap_s, self.settings.backoff_base_s * 2 ** (failures - 1)
+        )
         return max(0.001, self._rng.uniform(ceiling / 2, ceiling))
 
     def _count_allowed(self) -> None:
@@ -442,13 +457,23 @@ class Runner:
         run_tag = f"bulkoffboard run {self.settings.run_id}"
         ours = [a for a in actions if a.is_offboard and run_tag in (a.requestor_comment or "")]
         if ours:
-            self._record(item.machine_id, Outcome.OFFBOARDED, attempts=item.attempts, action=ours[0],
-                         note=f"found after {reason}")
+            self._record(
+                item.machine_id,
+                Outcome.OFFBOARDED,
+                attempts=item.attempts,
+                action=ours[0],
+                note=f"found after {reason}",
+            )
             return True
         open_ = [a for a in actions if a.is_offboard and a.status in ("Pending", "InProgress")]
         if open_:
-            self._record(item.machine_id, Outcome.ALREADY_PENDING, attempts=item.attempts,
-                         action=open_[0], note=f"found after {reason}")
+            self._record(
+                item.machine_id,
+                Outcome.ALREADY_PENDING,
+                attempts=item.attempts,
+                action=open_[0],
+                note=f"found after {reason}",
+            )
             return True
         return False
 
@@ -518,8 +543,13 @@ class Runner:
         self._journal.append(record, sync=True)
         self.summary.counts[outcome.value] += 1
         self.summary.session_counts[outcome.value] += 1
-        log.info("machine.result", machine_id=machine_id, outcome=outcome.value,
-                 action_id=record["action_id"], attempts=attempts)
+        log.info(
+            "machine.result",
+            machine_id=machine_id,
+            outcome=outcome.value,
+            action_id=record["action_id"],
+            attempts=attempts,
+        )
         if self._on_result is not None:
             self._on_result(record)
 

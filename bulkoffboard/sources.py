@@ -42,6 +42,12 @@ __all__ = [
     "MAX_JSON_VALUE_CHARS",
     "MAX_LINE_BYTES",
     "RAW_LIMIT",
+    "REASON_EMPTY",
+    "REASON_LINE_TOO_LONG",
+    "REASON_NOT_HEX",
+    "REASON_NO_ID_KEY",
+    "REASON_NUL",
+    "REASON_VALUE_TOO_LONG",
     "Deduplicator",
     "SourceRecord",
     "detect_format",
@@ -758,6 +764,8 @@ class _JsonStream:
 
     def peek(self) -> str | None:
         """Skip white space and return the next character (not consumed); None at the end."""
+        if self._pos < len(self._buf) and self._buf[self._pos] not in " \t\r\n":
+            return self._buf[self._pos]  # fast path: minified JSON has no white space to skip
         while True:
             match = _JSON_WS.match(self._buf, self._pos)
             end = match.end() if match is not None else self._pos

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -57,10 +58,8 @@ class Limit:
     @classmethod
     def parse(cls, text: str) -> Limit:
         """``"100/60"`` -> Limit(100, 60.0). Raises ValueError with the culprit named."""
-        calls, sep, period = text.partition("/")
+        calls, _, period = text.partition("/")
         try:
-            if not sep:
-                raise ValueError
             return cls(int(calls), float(period))
         except ValueError:
             raise ValueError(
@@ -84,7 +83,7 @@ DEFAULT_LIMITS = (Limit(100, 60.0), Limit(1500, 3600.0))
 class SlidingLog:
     """The exact rule for one window: remembers the last ``limit.calls`` grant times."""
 
-    __slots__ = ("limit", "margin_s", "_times")
+    __slots__ = ("_times", "limit", "margin_s")
 
     def __init__(self, limit: Limit, margin_s: float | None = None) -> None:
         self.limit = limit
@@ -187,11 +186,9 @@ class Throttle:
                 if wait <= 0:
                     break
                 self._changed.clear()
-                try:
-                    # Wake at the free time, or early when a pause changes the picture.
+                # Wake at the free time, or early when a pause changes the picture.
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), max(wait, _MIN_SLEEP_S))
-                except TimeoutError:
-                    pass
             for log in self._logs:
                 log.record(now)
             self.granted += 1
@@ -243,7 +240,9 @@ def ideal_duration_s(calls: int, limits: Iterable[Limit]) -> float:
     """
     if calls <= 0:
         return 0.0
-    logs = [(limit, collections.deque(maxlen=limit.calls)) for limit in limits]
+    logs: list[tuple[Limit, collections.deque[float]]] = [
+        (limit, collections.deque(maxlen=limit.calls)) for limit in limits
+    ]
     now = 0.0
     for _ in range(calls):
         for limit, log in logs:

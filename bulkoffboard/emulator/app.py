@@ -194,7 +194,7 @@ class Truth:
         }
 
 
-class _Reply(Exception):  # noqa: N818 - control flow, not an error
+class _Reply(Exception):
     """Raised inside a handler to send ``response`` at once."""
 
     def __init__(self, response: web.StreamResponse) -> None:
@@ -202,7 +202,7 @@ class _Reply(Exception):  # noqa: N818 - control flow, not an error
         self.response = response
 
 
-class _Dropped(Exception):  # noqa: N818 - control flow, not an error
+class _Dropped(Exception):
     """The emulator dropped the connection on purpose."""
 
 
@@ -264,10 +264,7 @@ class Emulator:
 
     def now(self) -> float:
         """The emulator's clock (the running loop's, unless one was injected)."""
-        if self._clock is not None:
-            value = self._clock()
-        else:
-            value = asyncio.get_running_loop().time()
+        value = self._clock() if self._clock is not None else asyncio.get_running_loop().time()
         if self._clock0 is None:
             self._clock0 = value
         return value
@@ -472,9 +469,7 @@ class Emulator:
 
     # Entra ID ------------------------------------------------------------------------------------
 
-    def _aad_error(
-        self, status: int, error: str, code: int, description: str
-    ) -> web.Response:
+    def _aad_error(self, status: int, error: str, code: int, description: str) -> web.Response:
         trace = str(uuid.uuid4())
         stamp = self.wall().strftime("%Y-%m-%d %H:%M:%SZ")
         return _json(
@@ -519,9 +514,7 @@ class Emulator:
     async def _token(self, request: web.Request) -> web.Response:
         tenant = request.match_info["tenant"]
         if tenant != self.config.tenant_id:
-            return self._aad_error(
-                400, "invalid_request", 90002, f"Tenant '{tenant}' not found."
-            )
+            return self._aad_error(400, "invalid_request", 90002, f"Tenant '{tenant}' not found.")
         form = await request.post()
         grant = str(form.get("grant_type", ""))
         if grant != "client_credentials":
@@ -729,7 +722,9 @@ class Emulator:
             window.append(now)  # every arrival counts, 429s included: retrying early keeps
             # a client throttled (mde-api.md section 6)
             label = f"{group} {period:g}"
-            self.truth.max_in_window[label] = max(self.truth.max_in_window.get(label, 0), len(window))
+            self.truth.max_in_window[label] = max(
+                self.truth.max_in_window.get(label, 0), len(window)
+            )
             if over:
                 wait = window[len(window) - calls] + period - now
                 retry_after = max(retry_after or 0.0, wait)
@@ -777,7 +772,9 @@ class Emulator:
             if "Comment" not in body:
                 if any(k.lower() == "comment" for k in body):
                     return mde_error(
-                        400, "InvalidRequestBody", "Unknown parameter; parameters are case-sensitive."
+                        400,
+                        "InvalidRequestBody",
+                        "Unknown parameter; parameters are case-sensitive.",
                     )
                 return mde_error(400, "MissingRequiredParameter", "Comment is required.")
             comment = body["Comment"]

@@ -96,8 +96,10 @@ def make_fleet(spec: FleetSpec, now: datetime | None = None) -> list[dict[str, A
         tags = sorted(rng.sample(TAGS, k=rng.choice([0, 0, 0, 1, 1, 2])))
         version, build = _os_build(platform, rng)
         octets = [10, rng.randrange(256), rng.randrange(256), rng.randrange(1, 255)]
-        onboarding = "Onboarded" if platform in SUPPORTED_PLATFORMS or rng.random() < 0.9 else (
-            "InsufficientInfo"
+        onboarding = (
+            "Onboarded"
+            if platform in SUPPORTED_PLATFORMS or rng.random() < 0.9
+            else ("InsufficientInfo")
         )
         machines.append(
             {
