@@ -147,6 +147,7 @@ class MsalTokenProvider:
         self._timeout_s = timeout_s
         self._clock = clock
         self._app: Any = None
+        self._http: requests.Session | None = None
         self._lock = asyncio.Lock()
         self._token: str | None = None
         self._refresh_at = 0.0
@@ -164,7 +165,7 @@ class MsalTokenProvider:
     def _http_client(self) -> requests.Session:
         # requests lets REQUESTS_CA_BUNDLE override verify=, so the environment is not trusted
         # here; proxies from HTTPS_PROXY / NO_PROXY are put back explicitly.
-        session = requests.Session()
+        session = self._http = requests.Session()
         session.trust_env = False
         session.verify = str(self._ca_bundle) if self._ca_bundle else True
         session.proxies.update(requests.utils.get_environ_proxies(self.authority))
@@ -228,6 +229,13 @@ class MsalTokenProvider:
         self.acquired += 1
         log.debug("auth.token_acquired", lifetime_s=lifetime, forced=force)
         return token
+
+    def close(self) -> None:
+        """Close msal's HTTP connections."""
+        if self._http is not None:
+            self._http.close()
+            self._http = None
+        self._app = None
 
     async def token(self) -> str:
         """A cached token, or a new one when the cached one is near expiry."""

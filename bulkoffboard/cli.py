@@ -188,6 +188,13 @@ async def execute(plan: Plan, conn: config.Connection) -> Summary:
         scope=conn.scope,
         ca_bundle=conn.ca_bundle,
     )
+    try:
+        return await _with_tokens(plan, conn, tokens)
+    finally:
+        tokens.close()
+
+
+async def _with_tokens(plan: Plan, conn: config.Connection, tokens: MsalTokenProvider) -> Summary:
     await tokens.token()  # authentication fails here, before any journal or call
     replay: Replay
     if plan.header is not None:

@@ -226,8 +226,8 @@ class Replay:
 
     header: dict[str, Any]
     machines: dict[str, MachineState] = field(default_factory=dict)
-    #: ``where`` of every invalid_id result already journaled (file:line).
-    invalid_where: set[str] = field(default_factory=set)
+    #: :func:`invalid_key` of every invalid_id result already journaled.
+    invalid_seen: set[str] = field(default_factory=set)
     invalid_results: list[dict[str, Any]] = field(default_factory=list)
     #: Wall-clock send times (epoch seconds) of the most recent attempts, oldest first.
     recent_sends: collections.deque[float] = field(
@@ -259,6 +259,12 @@ class Replay:
     def in_doubt(self) -> list[str]:
         """Machines whose last attempt has no result."""
         return [m for m, s in self.machines.items() if s.in_doubt]
+
+
+def invalid_key(where: str, raw: str) -> str:
+    """Identifies one rejected input value: its place and its text (a minified JSON array
+    holds many values on one line)."""
+    return f"{where}\x00{raw}"
 
 
 def _check_header(first: Any, path: Path) -> dict[str, Any]:
@@ -319,9 +325,9 @@ def _fold(replay: Replay, record: dict[str, Any], path: Path, number: int) -> No
         return  # header repeats, status, end and unknown types do not change the plan
     machine_id = record.get("machine_id")
     if kind == "result" and record.get("outcome") == "invalid_id":
-        where = str(record.get("where", ""))
-        if where not in replay.invalid_where:
-            replay.invalid_where.add(where)
+        key = invalid_key(str(record.get("where", "")), str(record.get("input", "")))
+        if key not in replay.invalid_seen:
+            replay.invalid_seen.add(key)
             replay.invalid_results.append(record)
         return
     if not isinstance(machine_id, str):

@@ -33,7 +33,7 @@ from bulkoffboard.errors import (
     UnauthorizedError,
     UnsupportedError,
 )
-from bulkoffboard.journal import Journal, Replay, iso, utc_now
+from bulkoffboard.journal import Journal, Replay, invalid_key, iso, utc_now
 from bulkoffboard.models import MachineAction, Outcome
 from bulkoffboard.sources import Deduplicator, SourceRecord
 from bulkoffboard.throttle import Throttle
@@ -264,8 +264,9 @@ class Runner:
             if self._stop.is_set():
                 break
             if record.machine_id is None:
-                if record.where not in replay.invalid_where:
-                    replay.invalid_where.add(record.where)
+                key = invalid_key(record.where, record.raw)
+                if key not in replay.invalid_seen:
+                    replay.invalid_seen.add(key)
                     self._record(
                         None,
                         Outcome.INVALID_ID,
