@@ -109,7 +109,10 @@ def env_for(server: EmulatorServer, *, secret: str = DEFAULT_CLIENT_SECRET) -> d
 
 
 def token_provider(
-    server: EmulatorServer, *, secret: str = DEFAULT_CLIENT_SECRET, client_id: str = DEFAULT_CLIENT_ID
+    server: EmulatorServer,
+    *,
+    secret: str = DEFAULT_CLIENT_SECRET,
+    client_id: str = DEFAULT_CLIENT_ID,
 ) -> MsalTokenProvider:
     """A msal token provider for the emulator's tenant (closed when the emulator stops)."""
     provider = MsalTokenProvider(
@@ -135,5 +138,8 @@ def client_for(
 ) -> MdeClient:
     """An MdeClient trusting the emulator's CA."""
     return MdeClient(
-        session, server.base_url, tokens or token_provider(server), ssl_context=server.client_ssl_context()
+        session,
+        server.base_url,
+        tokens or token_provider(server),
+        ssl_context=server.client_ssl_context(),
     )
