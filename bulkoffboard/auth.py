@@ -206,7 +206,7 @@ class MsalTokenProvider:
         app = self._app
         if force:
             cache = app.token_cache
-            for entry in cache.search(cache.CredentialType.ACCESS_TOKEN):
+            for entry in list(cache.search(cache.CredentialType.ACCESS_TOKEN)):
                 cache.remove_at(entry)
         try:
             result = app.acquire_token_for_client(scopes=[self.scope])

@@ -16,8 +16,8 @@ import signal
 import ssl
 import sys
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,13 @@ import structlog
 from bulkoffboard import __version__, config, logs, report
 from bulkoffboard.auth import MsalTokenProvider
 from bulkoffboard.client import MdeClient
-from bulkoffboard.errors import AuthError, BulkOffboardError, JournalError, UsageError
+from bulkoffboard.errors import (
+    AuthError,
+    BulkOffboardError,
+    JournalError,
+    SourceError,
+    UsageError,
+)
 from bulkoffboard.journal import FORMAT_VERSION, TOOL, Journal, Replay, iso, replay_file, utc_now
 from bulkoffboard.runner import ExitCode, Runner, RunSettings, Summary
 from bulkoffboard.sources import FORMATS, detect_format, iter_records, spool_stdin
@@ -129,6 +135,8 @@ class Plan:
     workers: int
     limits: tuple[Limit, ...]
     header: dict[str, Any] | None  # None when resuming
+    #: Extra RunSettings fields (backoff, grace period...), for tests and benchmarks.
+    tuning: Mapping[str, Any] = field(default_factory=dict)
 
 
 def _file_config(path_arg: str | None) -> dict[str, Any]:
@@ -138,9 +146,12 @@ def _file_config(path_arg: str | None) -> dict[str, Any]:
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
+    try:
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as exc:
+        raise SourceError(f"cannot read {path}: {exc.strerror}") from None
     return digest.hexdigest()
 
 
@@ -250,7 +261,9 @@ async def _run_session(
             replay=replay,
             throttle=throttle,
             read_throttle=reads,
-            settings=RunSettings(comment=plan.comment, run_id=plan.run_id, workers=plan.workers),
+            settings=RunSettings(
+                comment=plan.comment, run_id=plan.run_id, workers=plan.workers, **plan.tuning
+            ),
         )
         loop = asyncio.get_running_loop()
         main_task = asyncio.current_task()
@@ -304,6 +317,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         source_path = Path(args.ids).expanduser().absolute()
         kind = "file"
     fmt = detect_format(source_path, None if args.ids_format == "auto" else args.ids_format)
+    iter_records(source_path, fmt)  # checks the file now: missing, unreadable, binary
     plan = new_plan(
         journal_path=journal_path,
         source={"kind": kind, "path": str(source_path), "format": fmt},

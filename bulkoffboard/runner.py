@@ -174,7 +174,7 @@ class Runner:
         self._forbidden_streak = 0
         self._any_allowed = False
         self._reads_forbidden = False
-        self._states: dict[str, str] = {}
+        self._busy: set[asyncio.Task[Any] | None] = set()
 
     def __repr__(self) -> str:
         return (
@@ -199,8 +199,6 @@ class Runner:
         """Offboard every machine of ``records`` not already settled by the journal."""
         for result in self._replay.results():
             self.summary.counts[str(result.get("outcome"))] += 1
-            if result.get("machine_id"):
-                self._states[str(result["machine_id"])] = str(result.get("outcome"))
         queue: asyncio.Queue[_Item | None] = asyncio.Queue(self.settings.queue_size)
         workers = [
             asyncio.create_task(self._worker(queue), name=f"worker-{n}")
@@ -220,25 +218,35 @@ class Runner:
     async def _supervise(
         self, producer: asyncio.Task[None], workers: list[asyncio.Task[None]]
     ) -> None:
-        everything: asyncio.Future[Any] = asyncio.gather(producer, *workers)
-        stop: asyncio.Future[Any] = asyncio.create_task(self._stop.wait())
+        """Wait for the work to end, or for a stop: then stop feeding at once and give the
+        machines in flight the grace period to finish."""
+        stop: asyncio.Task[Any] = asyncio.create_task(self._stop.wait())
+        pending: set[asyncio.Task[Any]] = {producer, *workers}
         try:
-            done, _ = await asyncio.wait({everything, stop}, return_when=asyncio.FIRST_COMPLETED)
-            if everything in done:
-                everything.result()  # re-raise a worker's unexpected error
-                return
-            # Stop requested: let in-flight machines finish, within the grace period.
-            try:
-                await asyncio.wait_for(asyncio.shield(everything), self.settings.shutdown_grace_s)
-            except TimeoutError:
-                log.warning("run.grace_expired", grace_s=self.settings.shutdown_grace_s)
-            if everything.done() and not everything.cancelled():
-                everything.result()
+            while pending:
+                done, _ = await asyncio.wait(pending | {stop}, return_when=asyncio.FIRST_COMPLETED)
+                for task in done - {stop}:
+                    task.result()  # re-raise an unexpected error (journal, source)
+                pending -= done
+                if stop in done:
+                    break
         finally:
             stop.cancel()
-            if not everything.done():
-                everything.cancel()
-                await asyncio.gather(everything, return_exceptions=True)
+        if not pending:
+            return
+        producer.cancel()
+        for worker in workers:
+            if worker not in self._busy:
+                worker.cancel()  # idle, waiting for the next machine
+        in_flight = [w for w in workers if not w.done() and w in self._busy]
+        if in_flight:
+            done, late = await asyncio.wait(in_flight, timeout=self.settings.shutdown_grace_s)
+            if late:
+                log.warning("run.grace_expired", grace_s=self.settings.shutdown_grace_s)
+            for task in late:
+                task.cancel()
+            for task in done:
+                task.result()
 
     def _finish(self) -> None:
         summary = self.summary
@@ -295,15 +303,14 @@ class Runner:
     # -- workers -----------------------------------------------------------------------------------
 
     async def _worker(self, queue: asyncio.Queue[_Item | None]) -> None:
-        while True:
-            if self._stop.is_set():
-                return
-            try:
-                item = await asyncio.wait_for(queue.get(), timeout=1.0)
-            except TimeoutError:
-                continue
+        task = asyncio.current_task()
+        while not self._stop.is_set():
+            # Plain get(): an idle worker is cancelled on stop (wait_for can swallow a
+            # cancellation on Python 3.11, which once left a worker spinning forever).
+            item = await queue.get()
             if item is None:
                 return
+            self._busy.add(task)
             try:
                 await self._process(item)
             except _LookupFailed as exc:
@@ -321,6 +328,8 @@ class Runner:
             except AuthError as exc:
                 self._fail(str(exc))
                 return
+            finally:
+                self._busy.discard(task)
 
     def _fail(self, message: str) -> None:
         if self._failure is None:

@@ -19,10 +19,13 @@ their arrivals are at least ``period`` apart. The margin is therefore the larger
 :meth:`Throttle.observe` (capped at a quarter of the window, so one stuck call cannot stall a
 run).
 
-``aiolimiter`` serves as a pacer: a minimum gap between grants, so a minute's budget goes out
-as a short, smooth stream rather than as one burst of simultaneous connections. It never
-admits anything the sliding log refuses: the log is checked after the pacer, at the real
-grant time.
+A pace sets a minimum gap between consecutive grants, so a minute's budget goes out as a
+short, smooth stream rather than as one burst of simultaneous connections. It is one more
+"earliest free time" next to the windows' (the last grant plus the pace), not an
+``aiolimiter.AsyncLimiter(1, pace)``: that pacer hung under a frozen loop clock (looptime) with
+the default pace of 60 ms, because a float residue left its level a hair above zero and it
+rescheduled itself at "now" forever; and since it was acquired before the log's wait, two
+grants could still leave at the same instant after a long wait or a pause.
 
 A 429 pauses every caller until its Retry-After has passed (:meth:`Throttle.pause`), and a
 resumed run seeds the log with the send times of the process before (:meth:`Throttle.seed`).
@@ -36,8 +39,6 @@ import contextlib
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-
-from aiolimiter import AsyncLimiter
 
 #: Sleeps computed here are never shorter than this: a float residue that makes the next
 #: wake-up equal "now" would spin forever under a frozen loop clock (LIBRARY-NOTES.md).
@@ -95,12 +96,17 @@ class SlidingLog:
     def __repr__(self) -> str:
         return f"SlidingLog({self.limit}, margin_s={self.margin_s}, held={len(self._times)})"
 
+    def reach_s(self, extra_margin_s: float = 0.0) -> float:
+        """How long a grant holds its place: the window plus the margin (widened by an
+        observed round trip, at most to a quarter of the window)."""
+        margin = max(self.margin_s, min(extra_margin_s, self.limit.period_s / 4))
+        return self.limit.period_s + margin
+
     def next_free(self, extra_margin_s: float = 0.0) -> float:
         """The earliest clock time at which one more grant keeps the window within limit."""
         if len(self._times) < self.limit.calls:
             return float("-inf")
-        margin = max(self.margin_s, min(extra_margin_s, self.limit.period_s / 4))
-        return self._times[0] + self.limit.period_s + margin
+        return self._times[0] + self.reach_s(extra_margin_s)
 
     def record(self, at: float) -> None:
         """Count a grant at clock time ``at`` (times must not go backwards)."""
@@ -137,7 +143,9 @@ class Throttle:
             # minute's 100 calls leave in 6 s instead of all at once.
             pace_s = min(limit.period_s / limit.calls for limit in self.limits) / 10
         self.pace_s = pace_s
-        self._pacer = AsyncLimiter(1, pace_s) if pace_s > _MIN_SLEEP_S else None
+        # A gap below the shortest sleep cannot be kept anyway: no pace then.
+        self._gap_s = pace_s if pace_s > _MIN_SLEEP_S else 0.0
+        self._last_grant = float("-inf")
         self.granted = 0
         self.pauses = 0
         self._round_trips: collections.deque[float] = collections.deque(maxlen=256)
@@ -154,9 +162,13 @@ class Throttle:
         return self._clock() if self._clock is not None else asyncio.get_running_loop().time()
 
     def next_free(self) -> float:
-        """The earliest time the next grant could happen (pauses included)."""
+        """The earliest time the next grant could happen (pauses and the pace included)."""
         extra = self._max_round_trip_s
-        return max(self._paused_until, *(log.next_free(extra) for log in self._logs))
+        return max(
+            self._paused_until,
+            self._last_grant + self._gap_s,
+            *(log.next_free(extra) for log in self._logs),
+        )
 
     def observe(self, round_trip_s: float) -> None:
         """Report how long a granted call took from grant to response (widens the margin)."""
@@ -178,8 +190,6 @@ class Throttle:
         not wait between this and the send.
         """
         async with self._lock:
-            if self._pacer is not None:
-                await self._pacer.acquire()
             while True:
                 now = self.now()
                 wait = self.next_free() - now
@@ -191,6 +201,7 @@ class Throttle:
                     await asyncio.wait_for(self._changed.wait(), max(wait, _MIN_SLEEP_S))
             for log in self._logs:
                 log.record(now)
+            self._last_grant = now
             self.granted += 1
             return now
 
@@ -203,19 +214,20 @@ class Throttle:
             self._changed.set()
 
     def seed(self, send_times: Iterable[float]) -> int:
-        """Count earlier sends (clock times, ascending) so a restart cannot overshoot.
+        """Count earlier sends (clock times, in any order) so a restart cannot overshoot.
 
-        Returns how many were counted (times older than the longest window are ignored).
+        Returns how many were counted. Times too old to hold back any grant from now on (older
+        than the longest window plus its margin) are ignored. The times are sorted first: they
+        come from the journal's wall-clock stamps, which a clock stepped back leaves out of
+        order, and each window keeps only its most recent sends.
         """
-        horizon = self.now() - max(limit.period_s for limit in self.limits) - 1.0
-        counted = 0
-        for at in send_times:
-            if at < horizon:
-                continue
+        extra = self._max_round_trip_s
+        horizon = self.now() - max(log.reach_s(extra) for log in self._logs)
+        kept = sorted(at for at in send_times if at >= horizon)
+        for at in kept:
             for log in self._logs:
                 log.record(at)
-            counted += 1
-        return counted
+        return len(kept)
 
     def ideal_duration_s(self, calls: int) -> float:
         """The fastest possible time to send ``calls`` calls under the limits, from empty.

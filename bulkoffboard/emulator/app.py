@@ -178,6 +178,11 @@ class Truth:
     #: Paths that named something that is not a 40-hex machine id.
     malformed_paths: list[str] = field(default_factory=list)
     tokens_issued: int = 0
+    #: Offboard POSTs that arrived for a machine that already had an action created through
+    #: the API: a client that never offboards twice keeps this at zero for its own actions.
+    posts_after_action: collections.Counter[str] = field(default_factory=collections.Counter)
+    #: Every token issued, so tests can grep outputs for them (not served over HTTP).
+    tokens: list[str] = field(default_factory=list, repr=False)
     faults_injected: collections.Counter[str] = field(default_factory=collections.Counter)
 
     def as_json(self) -> dict[str, Any]:
@@ -190,6 +195,7 @@ class Truth:
             "max_in_window": dict(self.max_in_window),
             "malformed_paths": list(self.malformed_paths),
             "tokens_issued": self.tokens_issued,
+            "posts_after_action": dict(self.posts_after_action),
             "faults_injected": dict(self.faults_injected),
         }
 
@@ -267,6 +273,11 @@ class Emulator:
         value = self._clock() if self._clock is not None else asyncio.get_running_loop().time()
         if self._clock0 is None:
             self._clock0 = value
+            # Actions seeded by pending_fraction were stamped before the clock was first read
+            # (relative to zero); anchor them now, or a loop clock reading days (asyncio's is
+            # time.monotonic(), the host's uptime) would time them out at once.
+            for action in self.actions.values():
+                action.created += value
         return value
 
     def wall(self, moment: float | None = None) -> datetime:
@@ -294,7 +305,8 @@ class Emulator:
         for machine_id, machine in self.machines.items():
             if machine["osPlatform"] in UNSUPPORTED_PLATFORMS or rng.random() >= fraction:
                 continue
-            # Created "earlier" by someone else; offline so it stays Pending.
+            # Created "earlier" (1 s before the clock's first reading, see now()) by someone
+            # else; offline so it stays Pending.
             self._create_action(
                 machine,
                 requestor="secops@contoso.com",
@@ -432,7 +444,8 @@ class Emulator:
         payload = _b64url(orjson.dumps(claims))
         signature = hmac.new(self._signing_key, f"{header}.{payload}".encode(), "sha256").digest()
         self.truth.tokens_issued += 1
-        return f"{header}.{payload}.{_b64url(signature)}", lifetime
+        self.truth.tokens.append(token := f"{header}.{payload}.{_b64url(signature)}")
+        return token, lifetime
 
     def _verify_token(self, token: str) -> dict[str, Any] | None:
         parts = token.split(".")
@@ -613,7 +626,8 @@ class Emulator:
             "x5t": _b64url(cert.fingerprint(hashes.SHA1())),  # noqa: S303 - x5t is SHA-1 by spec
             "x5t#S256": _b64url(cert.fingerprint(hashes.SHA256())),
         }
-        if not any(header.get(k) == v for k, v in thumbprints.items()):
+        # msal sends the thumbprints base64url-encoded WITH "=" padding; Entra ID accepts both.
+        if not any(str(header.get(k, "")).rstrip("=") == v for k, v in thumbprints.items()):
             return (
                 "The certificate with identifier used to sign the client assertion is not "
                 f"registered on application '{app.client_id}'."
@@ -671,7 +685,10 @@ class Emulator:
         self.truth.calls[count_group] += 1
         if group == "offboard":
             self.truth.offboard_arrivals.append(now)
-            self.truth.offboard_posts[request.match_info.get("id", "").lower()] += 1
+            posted = request.match_info.get("id", "").lower()
+            self.truth.offboard_posts[posted] += 1
+            if self.truth.actions_created.get(posted, 0) > 0:
+                self.truth.posts_after_action[posted] += 1
         retry_after = self._count(client_id, count_group, now)
         if retry_after is None and self._forced_429:
             retry_after = self._forced_429.pop(0)
@@ -857,9 +874,10 @@ class Emulator:
                 "@odata.context": f"{request.scheme}://{request.host}/api/$metadata#Machines",
                 "value": page,
             }
-            if top is None and len(matched) > skip + page_size:
+            if top is None and len(matched) > MAX_PAGE:
                 # Reproduces microsoft-365-docs #8316: with no $top the nextLink carries
-                # $skip=10000 and following it keeps returning the same malformed link.
+                # $skip=10000, and following it never ends: every page links on again with
+                # one more $skip=10000 appended (the first one wins), a malformed link.
                 query = request.query_string
                 link = f"{request.scheme}://{request.host}{request.path}?"
                 link += (query + "&" if query else "") + f"$skip={MAX_PAGE}"
