@@ -251,8 +251,12 @@ async def _run_session(
         client = MdeClient(session, conn.api_url, tokens, ssl_context=_ssl_for(conn))
         throttle = Throttle(plan.limits, name="offboard")
         seeded = throttle.seed(Throttle.wall_to_clock(replay.recent_sends, throttle.now()))
+        for round_trip in replay.recent_round_trips:
+            # The calls of the process before arrived up to a round trip after their send
+            # times: keep that much margin until this process has measured its own.
+            throttle.observe(round_trip)
         if seeded:
-            log.info("throttle.seeded", sends=seeded)
+            log.info("throttle.seeded", sends=seeded, margin_s=throttle.margin_hint_s())
         reads = Throttle(plan.limits, name="reads")
         runner = Runner(
             client=client,

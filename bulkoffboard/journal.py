@@ -218,6 +218,8 @@ class MachineState:
     result: dict[str, Any] | None = None
     #: True when the last attempt has no result after it.
     in_doubt: bool = False
+    #: Wall-clock time of the last attempt (epoch seconds), 0 when none.
+    last_attempt_at: float = 0.0
 
 
 @dataclass(slots=True)
@@ -232,6 +234,11 @@ class Replay:
     #: Wall-clock send times (epoch seconds) of the most recent attempts, oldest first.
     recent_sends: collections.deque[float] = field(
         default_factory=lambda: collections.deque(maxlen=10_000)
+    )
+    #: Seconds from an attempt to its machine's result, for the most recent results: what the
+    #: process before saw of the round trip (seeds the throttle's jitter margin on resume).
+    recent_round_trips: collections.deque[float] = field(
+        default_factory=lambda: collections.deque(maxlen=256)
     )
     sessions: int = 0
     lines: int = 0
@@ -338,15 +345,27 @@ def _fold(replay: Replay, record: dict[str, Any], path: Path, number: int) -> No
     if kind == "attempt":
         state.attempts = max(state.attempts, int(record.get("attempt", state.attempts + 1)))
         state.in_doubt = True
-        at = record.get("at")
-        if isinstance(at, str):
-            try:
-                replay.recent_sends.append(parse_iso(at).timestamp())
-            except ValueError:
-                raise JournalError(f"{path}:{number}: bad time {at!r}") from None
+        at = _epoch(record, path, number)
+        if at is not None:
+            replay.recent_sends.append(at)
+            state.last_attempt_at = at
     else:
+        if state.in_doubt and state.last_attempt_at:
+            at = _epoch(record, path, number)
+            if at is not None:
+                replay.recent_round_trips.append(max(0.0, at - state.last_attempt_at))
         state.result = record
         state.in_doubt = False
+
+
+def _epoch(record: dict[str, Any], path: Path, number: int) -> float | None:
+    at = record.get("at")
+    if not isinstance(at, str):
+        return None
+    try:
+        return parse_iso(at).timestamp()
+    except ValueError:
+        raise JournalError(f"{path}:{number}: bad time {at!r}") from None
 
 
 def _read_lines(path: Path) -> Iterator[bytes]:

@@ -170,6 +170,10 @@ class Throttle:
             *(log.next_free(extra) for log in self._logs),
         )
 
+    def margin_hint_s(self) -> float:
+        """The longest recent round trip the margin currently covers (before the caps)."""
+        return self._max_round_trip_s
+
     def observe(self, round_trip_s: float) -> None:
         """Report how long a granted call took from grant to response (widens the margin)."""
         if round_trip_s < 0:

@@ -140,3 +140,19 @@ def test_each_record_is_one_whole_line(tmp_path: Path) -> None:
     raw = path.read_bytes()
     assert raw.count(b"\n") == 2
     assert lines(path)[1]["message"] == "line\nbreak and \u00e9"
+
+
+def test_replay_measures_the_round_trips_of_the_process_before(tmp_path: Path) -> None:
+    path = tmp_path / "j.jsonl"
+    journal = Journal.create(path, HEADER)
+    journal.append({"type": "attempt", "machine_id": A, "at": "2026-11-28T00:00:01.000000Z"})
+    journal.append(
+        {
+            "type": "result",
+            "machine_id": A,
+            "outcome": "offboarded",
+            "at": "2026-11-28T00:00:01.250000Z",
+        }
+    )
+    journal.close()
+    assert list(replay_file(path).recent_round_trips) == [pytest.approx(0.25)]
