@@ -41,6 +41,10 @@ _KNOWN_AUTHORITY_HOSTS = frozenset(
 class TokenProvider(Protocol):
     """Gives bearer tokens for the MDE API."""
 
+    def close(self) -> None:
+        """Release HTTP connections."""
+        ...
+
     async def token(self) -> str:
         """A token valid for a while yet."""
         ...
@@ -121,7 +125,77 @@ def _describe(result: dict[str, Any]) -> tuple[str, str | None]:
     return first or str(result.get("error") or "unknown error"), code
 
 
-class MsalTokenProvider:
+class _CachedTokens:
+    """What every msal-backed provider shares: one lock, a cache, refresh before expiry.
+
+    Subclasses implement :meth:`_acquire` (blocking; runs in a thread) and :meth:`_where`.
+    """
+
+    def __init__(
+        self, *, ca_bundle: Path | None, timeout_s: float, clock: Callable[[], float]
+    ) -> None:
+        self._ca_bundle = ca_bundle
+        self._timeout_s = timeout_s
+        self._clock = clock
+        self._http: requests.Session | None = None
+        self._lock = asyncio.Lock()
+        self._token: str | None = None
+        self._refresh_at = 0.0
+        self.acquired = 0
+
+    def _where(self) -> str:
+        raise NotImplementedError
+
+    def _acquire(self, force: bool) -> tuple[str, float]:
+        raise NotImplementedError
+
+    def _http_client(self, url: str) -> requests.Session:
+        # requests lets REQUESTS_CA_BUNDLE override verify=, so the environment is not trusted
+        # here; proxies from HTTPS_PROXY / NO_PROXY are put back explicitly for this URL.
+        if self._http is not None:
+            self._http.close()
+        session = self._http = requests.Session()
+        session.trust_env = False
+        session.verify = str(self._ca_bundle) if self._ca_bundle else True
+        session.proxies.update(requests.utils.get_environ_proxies(url))
+        return session
+
+    async def _fetch(self, force: bool) -> str:
+        token, lifetime = await asyncio.to_thread(self._acquire, force)
+        self._token = token
+        # Refresh before expiry: 5 minutes early for normal tokens, halfway for short ones.
+        early = 300.0 if lifetime > 600 else lifetime / 2
+        self._refresh_at = self._clock() + lifetime - early
+        self.acquired += 1
+        log.debug("auth.token_acquired", lifetime_s=lifetime, forced=force)
+        return token
+
+    def close(self) -> None:
+        """Close msal's HTTP connections."""
+        if self._http is not None:
+            self._http.close()
+            self._http = None
+
+    async def token(self) -> str:
+        """A cached token, or a new one when the cached one is near expiry."""
+        async with self._lock:
+            if self._token is not None and self._clock() < self._refresh_at:
+                return self._token
+            return await self._fetch(force=self._token is not None)
+
+    async def refresh(self, stale: str) -> str:
+        """A new token after ``stale`` was rejected; one refresh serves every waiting caller."""
+        async with self._lock:
+            if (
+                self._token is not None
+                and self._token != stale
+                and self._clock() < self._refresh_at
+            ):
+                return self._token
+            return await self._fetch(force=True)
+
+
+class MsalTokenProvider(_CachedTokens):
     """Client-credential tokens from msal's ``ConfidentialClientApplication``."""
 
     def __init__(
@@ -138,20 +212,13 @@ class MsalTokenProvider:
     ) -> None:
         if not authority_host.startswith("https://"):
             raise AuthError(f"the authority host must be https, not {authority_host!r}")
+        super().__init__(ca_bundle=ca_bundle, timeout_s=timeout_s, clock=clock)
         self.tenant_id = tenant_id
         self.client_id = client_id
         self.authority = f"{authority_host.rstrip('/')}/{tenant_id}"
         self.scope = scope
         self._credential = credential
-        self._ca_bundle = ca_bundle
-        self._timeout_s = timeout_s
-        self._clock = clock
         self._app: Any = None
-        self._http: requests.Session | None = None
-        self._lock = asyncio.Lock()
-        self._token: str | None = None
-        self._refresh_at = 0.0
-        self.acquired = 0
 
     def __repr__(self) -> str:
         return (
@@ -162,15 +229,6 @@ class MsalTokenProvider:
     def _where(self) -> str:
         return f"tenant {self.tenant_id}, client {self.client_id}"
 
-    def _http_client(self) -> requests.Session:
-        # requests lets REQUESTS_CA_BUNDLE override verify=, so the environment is not trusted
-        # here; proxies from HTTPS_PROXY / NO_PROXY are put back explicitly.
-        session = self._http = requests.Session()
-        session.trust_env = False
-        session.verify = str(self._ca_bundle) if self._ca_bundle else True
-        session.proxies.update(requests.utils.get_environ_proxies(self.authority))
-        return session
-
     def _build(self) -> Any:
         import msal  # noqa: PLC0415 - imported in the worker thread, off the loop
 
@@ -180,18 +238,23 @@ class MsalTokenProvider:
                 self.client_id,
                 client_credential=self._credential.for_msal(),
                 authority=self.authority,
-                http_client=self._http_client(),
+                http_client=self._http_client(self.authority),
                 timeout=self._timeout_s,
                 instance_discovery=host in _KNOWN_AUTHORITY_HOSTS,
             )
         except ValueError as exc:
             # msal raises ValueError when the tenant's OpenID configuration cannot be read
-            # (unknown tenant, or an authority that is not Entra ID).
+            # (unknown tenant, or an authority that is not Entra ID), or a key cannot be read.
             match = _AADSTS.search(str(exc))
             code = f"AADSTS{match.group(1)}" if match else None
+            reason = (
+                "unknown tenant, or not an Entra ID authority"
+                if "authority" in str(exc).lower() or "OIDC" in str(exc)
+                else f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            )
             raise AuthError(
-                f"cannot read the OpenID configuration of {self.authority} for {self._where()}"
-                f"{f' ({code})' if code else ''}: unknown tenant, or not an Entra ID authority",
+                f"cannot use {self.authority} for {self._where()}"
+                f"{f' ({code})' if code else ''}: {reason}",
                 code=code,
             ) from None
         except requests.RequestException as exc:
@@ -217,40 +280,69 @@ class MsalTokenProvider:
         if "access_token" not in result:
             reason, code = _describe(result)
             raise AuthError(f"token request failed for {self._where()}: {reason}", code=code)
-        lifetime = float(result.get("expires_in") or 3600)
-        return str(result["access_token"]), lifetime
-
-    async def _fetch(self, force: bool) -> str:
-        token, lifetime = await asyncio.to_thread(self._acquire, force)
-        self._token = token
-        # Refresh before expiry: 5 minutes early for normal tokens, halfway for short ones.
-        early = 300.0 if lifetime > 600 else lifetime / 2
-        self._refresh_at = self._clock() + lifetime - early
-        self.acquired += 1
-        log.debug("auth.token_acquired", lifetime_s=lifetime, forced=force)
-        return token
+        return str(result["access_token"]), float(result.get("expires_in") or 3600)
 
     def close(self) -> None:
         """Close msal's HTTP connections."""
-        if self._http is not None:
-            self._http.close()
-            self._http = None
+        super().close()
         self._app = None
 
-    async def token(self) -> str:
-        """A cached token, or a new one when the cached one is near expiry."""
-        async with self._lock:
-            if self._token is not None and self._clock() < self._refresh_at:
-                return self._token
-            return await self._fetch(force=self._token is not None)
 
-    async def refresh(self, stale: str) -> str:
-        """A new token after ``stale`` was rejected; one refresh serves every waiting caller."""
-        async with self._lock:
-            if (
-                self._token is not None
-                and self._token != stale
-                and self._clock() < self._refresh_at
-            ):
-                return self._token
-            return await self._fetch(force=True)
+class ManagedIdentityTokenProvider(_CachedTokens):
+    """Tokens from an Azure managed identity through msal's ``ManagedIdentityClient``.
+
+    msal finds the identity endpoint from the environment (App Service / Functions:
+    ``IDENTITY_ENDPOINT`` + ``IDENTITY_HEADER``; Arc; a VM's instance metadata service).
+    ``client_id`` selects a user-assigned identity; None means system-assigned.
+    """
+
+    def __init__(
+        self,
+        *,
+        client_id: str | None = None,
+        scope: str = "https://api.securitycenter.microsoft.com/.default",
+        ca_bundle: Path | None = None,
+        timeout_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(ca_bundle=ca_bundle, timeout_s=timeout_s, clock=clock)
+        self.client_id = client_id
+        self.resource = scope.removesuffix("/.default")
+        self.tenant_id = "managed-identity"
+
+    def __repr__(self) -> str:
+        kind = f"user-assigned {self.client_id}" if self.client_id else "system-assigned"
+        return f"ManagedIdentityTokenProvider({kind}, cached={self._token is not None})"
+
+    def _where(self) -> str:
+        kind = (
+            f"user-assigned identity {self.client_id}"
+            if self.client_id
+            else ("the system-assigned identity")
+        )
+        return f"managed identity ({kind})"
+
+    def _acquire(self, force: bool) -> tuple[str, float]:
+        import os  # noqa: PLC0415
+
+        import msal  # noqa: PLC0415 - imported in the worker thread, off the loop
+
+        identity: Any = (
+            msal.UserAssignedManagedIdentity(client_id=self.client_id)
+            if self.client_id
+            else msal.SystemAssignedManagedIdentity()
+        )
+        endpoint = os.environ.get("IDENTITY_ENDPOINT") or "http://169.254.169.254"
+        # A fresh client each time: msal's managed-identity cache has no forced refresh.
+        client = msal.ManagedIdentityClient(identity, http_client=self._http_client(endpoint))
+        try:
+            result = client.acquire_token_for_client(resource=self.resource)
+        except (requests.RequestException, ValueError) as exc:
+            raise AuthError(
+                f"cannot reach the managed identity endpoint for {self._where()}: "
+                f"{type(exc).__name__}"
+            ) from None
+        if "access_token" not in result:
+            reason, code = _describe(result)
+            raise AuthError(f"token request failed for {self._where()}: {reason}", code=code)
+        return str(result["access_token"]), float(result.get("expires_in") or 3600)

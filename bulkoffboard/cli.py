@@ -25,11 +25,18 @@ import aiohttp
 import structlog
 
 from bulkoffboard import __version__, config, logs, report
-from bulkoffboard.auth import MsalTokenProvider
+from bulkoffboard.auth import (
+    ManagedIdentityTokenProvider,
+    MsalTokenProvider,
+    TokenProvider,
+    token_roles,
+)
 from bulkoffboard.client import MdeClient
 from bulkoffboard.errors import (
+    ApiError,
     AuthError,
     BulkOffboardError,
+    ForbiddenError,
     JournalError,
     SourceError,
     UsageError,
@@ -54,6 +61,66 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--log-level", choices=("debug", "info", "warning", "error"), default="warning"
+    )
+
+
+def _add_connection(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "connection (over the environment and the config file; secrets only from those)"
+    )
+    group.add_argument(
+        "--config", metavar="PATH", help="a TOML config file (or BULKOFFBOARD_CONFIG)"
+    )
+    group.add_argument(
+        "--cloud",
+        choices=tuple(config.CLOUDS),
+        help="picks the API host, token host and scope together (default commercial)",
+    )
+    group.add_argument(
+        "--region", choices=config.REGIONS, help="a regional API host in the commercial cloud"
+    )
+    group.add_argument(
+        "--credential",
+        choices=("secret", "certificate", "managed-identity"),
+        help="how to authenticate (default: a secret if one is set, else a certificate)",
+    )
+    group.add_argument("--tenant-id", help="overrides AZURE_TENANT_ID")
+    group.add_argument("--client-id", help="overrides AZURE_CLIENT_ID")
+    group.add_argument("--api-url", help="overrides the preset API host (BULKOFFBOARD_API_URL)")
+    group.add_argument(
+        "--authority-host", help="overrides the preset token host (AZURE_AUTHORITY_HOST)"
+    )
+
+
+def _connection(args: argparse.Namespace, file_cfg: dict[str, Any]) -> config.Connection:
+    cli = {
+        name: getattr(args, name, None)
+        for name in (
+            "cloud",
+            "region",
+            "credential",
+            "tenant_id",
+            "client_id",
+            "api_url",
+            "authority_host",
+        )
+    }
+    return config.connection(os.environ, file_cfg, cli)
+
+
+def make_tokens(conn: config.Connection) -> TokenProvider:
+    """The token provider for a connection's credential."""
+    if conn.credential_kind == "managed_identity":
+        return ManagedIdentityTokenProvider(
+            client_id=conn.client_id or None, scope=conn.scope, ca_bundle=conn.ca_bundle
+        )
+    return MsalTokenProvider(
+        tenant_id=conn.tenant_id,
+        client_id=conn.client_id,
+        credential=conn.credential,
+        authority_host=conn.authority_host,
+        scope=conn.scope,
+        ca_bundle=conn.ca_bundle,
     )
 
 
@@ -91,22 +158,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--journal", required=True, metavar="PATH", help="the JSONL journal to create")
     run.add_argument("--comment", help="the offboard comment (the run id is appended)")
-    run.add_argument("--config", metavar="PATH", help="a TOML config file (or BULKOFFBOARD_CONFIG)")
     run.add_argument("--workers", type=int, metavar="N", help="concurrent workers (default 8)")
     _add_limits(run)
+    _add_connection(run)
     run.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     _add_common(run)
     run.set_defaults(func=cmd_run)
 
     resume = commands.add_parser("resume", help="continue an interrupted run from its journal")
     resume.add_argument("--journal", required=True, metavar="PATH")
-    resume.add_argument(
-        "--config", metavar="PATH", help="a TOML config file (or BULKOFFBOARD_CONFIG)"
-    )
     resume.add_argument("--workers", type=int, metavar="N", help="override the run's workers")
     _add_limits(resume)
+    _add_connection(resume)
     _add_common(resume)
     resume.set_defaults(func=cmd_resume)
+
+    check = commands.add_parser(
+        "check",
+        help="preflight: configuration, token, permissions and one cheap read call",
+        description="Load the configuration, acquire a token, decode its roles claim and report "
+        "whether Machine.Offboard (and the read permissions other features need) are granted, "
+        "then make one cheap read call. Exit 0 when ready, 3 otherwise.",
+    )
+    _add_connection(check)
+    _add_common(check)
+    check.set_defaults(func=cmd_check)
 
     rep = commands.add_parser("report", help="summarise a journal")
     rep.add_argument("--journal", required=True, metavar="PATH")
@@ -191,21 +267,14 @@ def _print_summary(summary: Summary, journal_path: Path, run_id: str) -> None:
 
 async def execute(plan: Plan, conn: config.Connection) -> Summary:
     """Acquire a token, open the journal, run, close. Raises AuthError before the journal."""
-    tokens = MsalTokenProvider(
-        tenant_id=conn.tenant_id,
-        client_id=conn.client_id,
-        credential=conn.credential,
-        authority_host=conn.authority_host,
-        scope=conn.scope,
-        ca_bundle=conn.ca_bundle,
-    )
+    tokens = make_tokens(conn)
     try:
         return await _with_tokens(plan, conn, tokens)
     finally:
         tokens.close()
 
 
-async def _with_tokens(plan: Plan, conn: config.Connection, tokens: MsalTokenProvider) -> Summary:
+async def _with_tokens(plan: Plan, conn: config.Connection, tokens: TokenProvider) -> Summary:
     await tokens.token()  # authentication fails here, before any journal or call
     replay: Replay
     if plan.header is not None:
@@ -241,7 +310,7 @@ async def _with_tokens(plan: Plan, conn: config.Connection, tokens: MsalTokenPro
 
 
 async def _run_session(
-    plan: Plan, conn: config.Connection, tokens: MsalTokenProvider, journal: Journal, replay: Replay
+    plan: Plan, conn: config.Connection, tokens: TokenProvider, journal: Journal, replay: Replay
 ) -> Summary:
     connector = aiohttp.TCPConnector(limit=plan.workers + 4)
     timeout = aiohttp.ClientTimeout(total=90, connect=15, sock_read=60)
@@ -299,7 +368,7 @@ async def _run_session(
 def cmd_run(args: argparse.Namespace) -> int:
     """``bulkoffboard run``."""
     file_cfg = _file_config(args.config)
-    conn = config.connection(os.environ, file_cfg)
+    conn = _connection(args, file_cfg)
     limits = config.parse_limits(args.limit, file_cfg)
     workers = _workers(args.workers, file_cfg)
     comment = (args.comment or file_cfg.get("comment") or config.DEFAULT_COMMENT).strip()
@@ -405,12 +474,77 @@ def plan_resume(
 def cmd_resume(args: argparse.Namespace) -> int:
     """``bulkoffboard resume``."""
     file_cfg = _file_config(args.config)
-    conn = config.connection(os.environ, file_cfg)
+    conn = _connection(args, file_cfg)
     journal_path = Path(args.journal).expanduser().absolute()
     plan = plan_resume(journal_path, args.limit, args.workers, file_cfg)
     summary = asyncio.run(execute(plan, conn))
     _print_summary(summary, journal_path, plan.run_id)
     return int(summary.exit_code)
+
+
+#: Roles worth having, with what they are for (mde-api.md sections 2 to 5).
+_RECOMMENDED_ROLES = {
+    ("Machine.Read.All", "Machine.ReadWrite.All"): "checking for an existing action before "
+    "re-sending after a crash, verify, and --query/--names targeting",
+    ("AdvancedQuery.Read.All",): "--hunting queries",
+}
+_GRANT_HINT = (
+    "grant it in Entra ID > App registrations > API permissions > APIs my organization uses > "
+    "WindowsDefenderATP > Application permissions, then 'Grant admin consent'"
+)
+
+
+async def _check(conn: config.Connection) -> int:
+    out = sys.stdout
+    out.write(
+        f"cloud {conn.cloud}: API {conn.api_url}, token host {conn.authority_host}, "
+        f"scope {conn.scope}\n"
+        f"credential: {conn.credential_kind.replace('_', ' ')}, tenant {conn.tenant_id}, "
+        f"client {conn.client_id or '(system-assigned)'}\n"
+    )
+    tokens = make_tokens(conn)
+    try:
+        try:
+            token = await tokens.token()
+        except AuthError as exc:
+            out.write(f"[fail] token: {logs.redact_text(str(exc))}\n")
+            return int(ExitCode.AUTH)
+        out.write("[ok] token acquired\n")
+        roles = set(token_roles(token))
+        ready = "Machine.Offboard" in roles
+        if ready:
+            out.write("[ok] Machine.Offboard granted\n")
+        else:
+            out.write(f"[missing] Machine.Offboard (required to offboard): {_GRANT_HINT}\n")
+        for names, purpose in _RECOMMENDED_ROLES.items():
+            if roles.intersection(names):
+                out.write(f"[ok] {' or '.join(names)} granted\n")
+            else:
+                out.write(f"[warn] {names[0]} not granted (needed for {purpose}): {_GRANT_HINT}\n")
+        timeout = aiohttp.ClientTimeout(total=60, connect=15)
+        async with aiohttp.ClientSession(timeout=timeout, trust_env=True) as session:
+            client = MdeClient(session, conn.api_url, tokens, ssl_context=_ssl_for(conn))
+            try:
+                await client.list_machines(top=1)
+                out.write(f"[ok] API reachable: GET {conn.api_url}/api/machines?$top=1\n")
+            except ForbiddenError:
+                out.write("[ok] API reachable (reading machines is forbidden: see above)\n")
+            except ApiError as exc:
+                out.write(f"[fail] API call: {logs.redact_text(str(exc))}\n")
+                ready = False
+            except UsageError as exc:
+                out.write(f"[fail] API call: {exc}\n")
+                ready = False
+        out.write("ready\n" if ready else "not ready\n")
+        return int(ExitCode.OK if ready else ExitCode.AUTH)
+    finally:
+        tokens.close()
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """``bulkoffboard check``."""
+    conn = _connection(args, _file_config(args.config))
+    return asyncio.run(_check(conn))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
