@@ -20,7 +20,7 @@ import orjson
 import requests
 import structlog
 
-from bulkoffboard.errors import AuthError
+from bulkoffboard.errors import AuthError, UsageError
 
 log = structlog.get_logger("bulkoffboard.auth")
 
@@ -123,6 +123,15 @@ def _describe(result: dict[str, Any]) -> tuple[str, str | None]:
     first = description.split(" Trace ID:", maxsplit=1)[0].strip()
     first = first.split("\r\n")[0].split("\n")[0]
     return first or str(result.get("error") or "unknown error"), code
+
+
+def _tls_error(url: str) -> UsageError:
+    """TLS verification failed: a configuration problem (exit 2), not an authentication one."""
+    host = url.split("/")[2] if "//" in url else url
+    return UsageError(
+        f"TLS verification failed for {host}; set BULKOFFBOARD_CA_BUNDLE to the CA that signs "
+        "it (a TLS-inspecting proxy's CA, or the emulator's)"
+    )
 
 
 class _CachedTokens:
@@ -257,6 +266,8 @@ class MsalTokenProvider(_CachedTokens):
                 f"{f' ({code})' if code else ''}: {reason}",
                 code=code,
             ) from None
+        except requests.exceptions.SSLError:
+            raise _tls_error(self.authority) from None
         except requests.RequestException as exc:
             raise AuthError(
                 f"cannot reach the authority {self.authority} for {self._where()}: "
@@ -273,6 +284,8 @@ class MsalTokenProvider(_CachedTokens):
                 cache.remove_at(entry)
         try:
             result = app.acquire_token_for_client(scopes=[self.scope])
+        except requests.exceptions.SSLError:
+            raise _tls_error(self.authority) from None
         except requests.RequestException as exc:
             raise AuthError(
                 f"cannot reach the token endpoint for {self._where()}: {type(exc).__name__}"
@@ -337,6 +350,8 @@ class ManagedIdentityTokenProvider(_CachedTokens):
         client = msal.ManagedIdentityClient(identity, http_client=self._http_client(endpoint))
         try:
             result = client.acquire_token_for_client(resource=self.resource)
+        except requests.exceptions.SSLError:
+            raise _tls_error(endpoint) from None
         except (requests.RequestException, ValueError) as exc:
             raise AuthError(
                 f"cannot reach the managed identity endpoint for {self._where()}: "

@@ -37,6 +37,10 @@ from bulkoffboard.emulator.fleet import UNSUPPORTED_PLATFORMS, FleetSpec, iso, m
 
 DEFAULT_TENANT = "11111111-2222-3333-4444-555555555555"
 DEFAULT_CLIENT_ID = "aaaaaaaa-bbbb-cccc-dddd-000000000001"
+#: The system-assigned managed identity's client id, and the header secret of the local
+#: identity endpoint (App Service style: IDENTITY_ENDPOINT + IDENTITY_HEADER).
+SYSTEM_IDENTITY_CLIENT_ID = "aaaaaaaa-bbbb-cccc-dddd-00000000e1e1"
+DEFAULT_IDENTITY_HEADER = "emulator-identity-header"
 DEFAULT_CLIENT_SECRET = "emulator-secret-not-for-production"  # noqa: S105 - the emulator's own
 #: The resource the MDE API accepts tokens for (mde-api.md section 1).
 DEFAULT_AUDIENCE = "https://api.securitycenter.microsoft.com"
@@ -122,6 +126,14 @@ class EmulatorConfig:
 
     tenant_id: str = DEFAULT_TENANT
     apps: tuple[AppRegistration, ...] = (AppRegistration(),)
+    #: Managed identities: the first is the system-assigned one; the others are user-assigned
+    #: and chosen by client id.
+    managed_identities: tuple[AppRegistration, ...] = (
+        AppRegistration(
+            client_id=SYSTEM_IDENTITY_CLIENT_ID, secret=None, display_name="system-assigned"
+        ),
+    )
+    identity_header: str = DEFAULT_IDENTITY_HEADER
     audience: str = DEFAULT_AUDIENCE
     #: Multiplies every rate window: 0.01 plays an hour in 36 s.
     time_scale: float = 1.0
@@ -477,6 +489,7 @@ class Emulator:
             app.router.add_get(prefix + "/machineactions/{id}", self._get_action)
             app.router.add_post(prefix + "/machineactions/{id}/cancel", self._cancel_action)
             app.router.add_post(prefix + "/advancedqueries/run", self._hunting)
+        app.router.add_get("/msi/token", self._managed_identity_token)
         app.router.add_get("/_emulator/truth", self._truth)
         return app
 
@@ -1007,6 +1020,43 @@ class Emulator:
             return _json({"Schema": schema, "Results": rows[:HUNTING_MAX_ROWS]})
 
         return await self._guarded(handle)
+
+    async def _managed_identity_token(self, request: web.Request) -> web.Response:
+        """The local identity endpoint of App Service / Functions (api-version 2019-08-01)."""
+        if request.headers.get("X-IDENTITY-HEADER") != self.config.identity_header:
+            return _json(
+                {"statusCode": 401, "message": "Invalid or missing X-IDENTITY-HEADER."}, 401
+            )
+        resource = request.query.get("resource", "")
+        if resource.rstrip("/") != self.config.audience.rstrip("/"):
+            return _json(
+                {"statusCode": 400, "message": f"Resource {resource!r} is not valid."}, 400
+            )
+        wanted = request.query.get("client_id")
+        identities = self.config.managed_identities
+        if wanted is None:
+            identity = identities[0] if identities else None
+        else:
+            identity = next((i for i in identities[1:] if i.client_id == wanted), None)
+        if identity is None:
+            return _json(
+                {
+                    "statusCode": 400,
+                    "message": f"No managed identity found for client id {wanted!r}.",
+                },
+                400,
+            )
+        token, lifetime = self.issue_token(identity, self.config.audience)
+        expires_on = int(self.wall().timestamp() + lifetime)
+        return _json(
+            {
+                "access_token": token,
+                "expires_on": str(expires_on),
+                "resource": resource,
+                "token_type": "Bearer",
+                "client_id": identity.client_id,
+            }
+        )
 
     async def _truth(self, request: web.Request) -> web.Response:
         return _json(self.truth.as_json())
