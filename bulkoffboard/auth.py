@@ -256,14 +256,14 @@ class MsalTokenProvider(_CachedTokens):
             # (unknown tenant, or an authority that is not Entra ID), or a key cannot be read.
             match = _AADSTS.search(str(exc))
             code = f"AADSTS{match.group(1)}" if match else None
-            reason = (
-                "unknown tenant, or not an Entra ID authority"
-                if "authority" in str(exc).lower() or "OIDC" in str(exc)
-                else f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-            )
+            if "authority" in str(exc).lower() or "OIDC" in str(exc):
+                what = f"cannot read the OpenID configuration of {self.authority}"
+                reason = "unknown tenant, or not an Entra ID authority"
+            else:
+                what = f"cannot use the client credential with {self.authority}"
+                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
             raise AuthError(
-                f"cannot use {self.authority} for {self._where()}"
-                f"{f' ({code})' if code else ''}: {reason}",
+                f"{what} for {self._where()}{f' ({code})' if code else ''}: {reason}",
                 code=code,
             ) from None
         except requests.exceptions.SSLError:

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
+import csv
 import hashlib
 import os
 import signal
 import ssl
 import sys
+import tempfile
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import structlog
 
-from bulkoffboard import __version__, config, logs, report
+from bulkoffboard import __version__, config, logs, report, targeting
 from bulkoffboard.auth import (
     ManagedIdentityTokenProvider,
     MsalTokenProvider,
@@ -42,6 +46,8 @@ from bulkoffboard.errors import (
     UsageError,
 )
 from bulkoffboard.journal import FORMAT_VERSION, TOOL, Journal, Replay, iso, replay_file, utc_now
+from bulkoffboard.models import Outcome, normalize_machine_id
+from bulkoffboard.reads import ReadPolicy
 from bulkoffboard.runner import ExitCode, Runner, RunSettings, Summary
 from bulkoffboard.sources import FORMATS, detect_format, iter_records, spool_stdin
 from bulkoffboard.throttle import Limit, Throttle
@@ -146,22 +152,98 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"bulkoffboard {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", help="offboard the machines listed in a file or on stdin")
-    run.add_argument(
-        "--ids",
-        required=True,
-        metavar="PATH",
-        help="machine ids: text, CSV, JSON or JSONL; - for stdin",
+    run = commands.add_parser(
+        "run",
+        help="offboard machines from a file, stdin, an OData query, host names or a hunting query",
     )
-    run.add_argument(
+    source = run.add_argument_group("what to offboard (one source; presets combine with --query)")
+    source.add_argument(
+        "--ids", metavar="PATH", help="machine ids: text, CSV, JSON or JSONL; - for stdin"
+    )
+    source.add_argument(
         "--ids-format", choices=("auto", *FORMATS), default="auto", help="the --ids format"
     )
-    run.add_argument("--journal", required=True, metavar="PATH", help="the JSONL journal to create")
+    source.add_argument("--query", metavar="ODATA", help="an OData $filter over GET /api/machines")
+    source.add_argument(
+        "--inactive-days", type=float, metavar="N", help="machines whose lastSeen is older"
+    )
+    source.add_argument(
+        "--health",
+        action="append",
+        default=[],
+        metavar="STATUS",
+        help="healthStatus, e.g. Inactive (repeatable: any of them)",
+    )
+    source.add_argument(
+        "--os",
+        action="append",
+        default=[],
+        metavar="PLATFORM",
+        help="osPlatform, e.g. Windows10 (repeatable: any of them)",
+    )
+    source.add_argument(
+        "--tag",
+        action="append",
+        default=[],
+        metavar="TAG",
+        help="machines carrying this tag (repeatable: all of them)",
+    )
+    source.add_argument(
+        "--group",
+        action="append",
+        default=[],
+        metavar="GROUP",
+        help="device group id or name (repeatable: any of them)",
+    )
+    source.add_argument(
+        "--names", metavar="PATH", help="host names (short or FQDN), one a line or a CSV column"
+    )
+    source.add_argument(
+        "--hunting",
+        metavar="KQL",
+        help="an advanced hunting query, or @file.kql; its DeviceId column",
+    )
+    safety = run.add_argument_group("safety")
+    safety.add_argument(
+        "--exclude-tag", action="append", default=[], metavar="TAG", help="never offboard these"
+    )
+    safety.add_argument("--exclude-group", action="append", default=[], metavar="GROUP")
+    safety.add_argument("--exclude-id", action="append", default=[], metavar="ID")
+    safety.add_argument(
+        "--exclude-name",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="a host name pattern (fnmatch, case-insensitive, short name or FQDN)",
+    )
+    safety.add_argument(
+        "--no-preflight",
+        action="store_true",
+        help="do not skip unsupported/pending/offboarded devices from the inventory",
+    )
+    safety.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="resolve, apply preflight and exclusions, print the plan; send nothing",
+    )
+    safety.add_argument(
+        "--format",
+        choices=("table", "csv", "json"),
+        default="table",
+        help="the dry run's output: counts (table) or the full list",
+    )
+    safety.add_argument(
+        "--max-machines",
+        type=int,
+        metavar="N",
+        help="refuse to offboard more than N machines without --yes",
+    )
+    safety.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    run.add_argument("--journal", metavar="PATH", help="the JSONL journal to create")
     run.add_argument("--comment", help="the offboard comment (the run id is appended)")
     run.add_argument("--workers", type=int, metavar="N", help="concurrent workers (default 8)")
     _add_limits(run)
     _add_connection(run)
-    run.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     _add_common(run)
     run.set_defaults(func=cmd_run)
 
@@ -265,23 +347,84 @@ def _print_summary(summary: Summary, journal_path: Path, run_id: str) -> None:
     out.flush()
 
 
-async def execute(plan: Plan, conn: config.Connection) -> Summary:
-    """Acquire a token, open the journal, run, close. Raises AuthError before the journal."""
+@dataclass(frozen=True, slots=True)
+class Targets:
+    """What a new run targets and how carefully: the source request, the rules, the breaker."""
+
+    request: targeting.Request
+    rules: targeting.Rules = field(default_factory=targeting.Rules)
+    max_machines: int | None = None
+    assume_yes: bool = False
+    dry_run: bool = False
+    dry_format: str = "table"
+    interactive: bool = False
+
+
+def _hunting_limits(limits: tuple[Limit, ...]) -> tuple[Limit, ...]:
+    """Advanced hunting allows 45 calls a minute and 1,500 an hour (mde-api.md section 5):
+    the same windows as the offboard limits given, with 45 in the shortest."""
+    if not limits:
+        return limits
+    shortest = min(limits, key=lambda x: x.period_s)
+    return tuple(Limit(min(45, x.calls), x.period_s) if x is shortest else x for x in limits)
+
+
+async def execute(plan: Plan, conn: config.Connection, targets: Targets | None = None) -> Summary:
+    """Acquire a token, plan (new runs), open the journal, run, close.
+
+    Authentication fails before the journal is created; planning (source resolution,
+    exclusions, preflight, the breaker) happens before the first offboard call.
+    """
     tokens = make_tokens(conn)
     try:
-        return await _with_tokens(plan, conn, tokens)
+        await tokens.token()
+        connector = aiohttp.TCPConnector(limit=plan.workers + 4)
+        timeout = aiohttp.ClientTimeout(total=90, connect=15, sock_read=60)
+        async with aiohttp.ClientSession(
+            connector=connector, timeout=timeout, trust_env=True
+        ) as session:
+            client = MdeClient(session, conn.api_url, tokens, ssl_context=_ssl_for(conn))
+            reads = Throttle(plan.limits, name="reads")
+            return await _with_client(plan, client, tokens, reads, targets)
     finally:
         tokens.close()
 
 
-async def _with_tokens(plan: Plan, conn: config.Connection, tokens: TokenProvider) -> Summary:
-    await tokens.token()  # authentication fails here, before any journal or call
+async def _with_client(
+    plan: Plan,
+    client: MdeClient,
+    tokens: TokenProvider,
+    reads: Throttle,
+    targets: Targets | None,
+) -> Summary:
     replay: Replay
     if plan.header is not None:
+        targets = targets or Targets(
+            targeting.Request("file", plan.source_path, plan.source_format)
+        )
+        plan, prepared = await _prepare(plan, client, reads, targets)
+        if targets.dry_run:
+            _print_plan(prepared, targets.dry_format)
+            dry = Summary(reason="dry run: nothing sent")
+            dry.finished = dry.started
+            return dry
+        _breaker(prepared, targets)
+        assert plan.header is not None  # noqa: S101 - a new run has a header
         journal = Journal.create(plan.journal_path, plan.header)
         replay = Replay(header=plan.header)
+        try:
+            _journal_plan(journal, replay, prepared)
+        except BaseException:
+            journal.close()
+            raise
     else:
         journal, replay = Journal.resume(plan.journal_path)
+        if not replay.planned:
+            try:
+                await _replan(plan, client, reads, journal, replay)
+            except BaseException:
+                journal.close()
+                raise
     summary: Summary | None = None
     try:
         journal.append(
@@ -289,12 +432,12 @@ async def _with_tokens(plan: Plan, conn: config.Connection, tokens: TokenProvide
                 "type": "session",
                 "at": iso(utc_now()),
                 "pid": os.getpid(),
-                "command": "run" if plan.header is not None else "resume",
+                "command": "run" if replay.sessions == 0 else "resume",
                 "tool_version": __version__,
             },
             sync=True,
         )
-        summary = await _run_session(plan, conn, tokens, journal, replay)
+        summary = await _run_session(plan, client, tokens, journal, replay, reads)
         return summary
     finally:
         end: dict[str, Any] = {"type": "end", "at": iso(utc_now())}
@@ -309,60 +452,358 @@ async def _with_tokens(plan: Plan, conn: config.Connection, tokens: TokenProvide
         journal.close()
 
 
-async def _run_session(
-    plan: Plan, conn: config.Connection, tokens: TokenProvider, journal: Journal, replay: Replay
-) -> Summary:
-    connector = aiohttp.TCPConnector(limit=plan.workers + 4)
-    timeout = aiohttp.ClientTimeout(total=90, connect=15, sock_read=60)
-    async with aiohttp.ClientSession(
-        connector=connector, timeout=timeout, trust_env=True
-    ) as session:
-        client = MdeClient(session, conn.api_url, tokens, ssl_context=_ssl_for(conn))
-        throttle = Throttle(plan.limits, name="offboard")
-        seeded = throttle.seed(Throttle.wall_to_clock(replay.recent_sends, throttle.now()))
-        for round_trip in replay.recent_round_trips:
-            # The calls of the process before arrived up to a round trip after their send
-            # times: keep that much margin until this process has measured its own.
-            throttle.observe(round_trip)
-        if seeded:
-            log.info("throttle.seeded", sends=seeded, margin_s=throttle.margin_hint_s())
-        reads = Throttle(plan.limits, name="reads")
-        runner = Runner(
-            client=client,
-            tokens=tokens,
-            journal=journal,
-            replay=replay,
-            throttle=throttle,
-            read_throttle=reads,
-            settings=RunSettings(
-                comment=plan.comment, run_id=plan.run_id, workers=plan.workers, **plan.tuning
-            ),
+def _journal_plan(journal: Journal, replay: Replay, prepared: targeting.Prepared) -> None:
+    """Write every planning decision, then the ``plan`` record that says they are all there."""
+    for record in prepared.decisions:
+        journal.append(record)
+        replay.apply(record)
+    journal.append({"type": "plan", "at": iso(utc_now()), **prepared.as_json()}, sync=True)
+    replay.planned = True
+
+
+async def _prepare(
+    plan: Plan, client: MdeClient, reads: Throttle, targets: Targets
+) -> tuple[Plan, targeting.Prepared]:
+    """Resolve the source to ids, read what the rules need, and decide for every id."""
+    request = targets.request
+    rules = targets.rules
+    policy = _read_policy(plan)
+    header = dict(plan.header or {})
+    inventory: dict[str, dict[str, Any]] | None = None
+    open_actions: dict[str, Any] = {}
+    done_actions: dict[str, Any] = {}
+    unresolved: list[dict[str, Any]] = []
+    source_path, source_format = plan.source_path, plan.source_format
+    if request.kind in ("query", "names", "hunting"):
+        ids: list[str]
+        if request.kind == "query":
+            machines = await targeting.read_machines(client, reads, request.odata, policy=policy)
+            if request.group_names:
+                wanted = {g.lower() for g in request.group_names}
+                machines = [
+                    m for m in machines if str(m.get("rbacGroupName") or "").lower() in wanted
+                ]
+            ids = [str(m["id"]).lower() for m in machines]
+            inventory = {str(m["id"]).lower(): m for m in machines}
+        elif request.kind == "names":
+            assert request.path is not None  # noqa: S101 - names always come from a file
+            names = targeting.read_names(request.path)
+            machines = await targeting.read_machines(client, reads, None, policy=policy)
+            ids, unresolved = targeting.resolve_names(names, machines)
+            inventory = {str(m["id"]).lower(): m for m in machines}
+        else:
+            hunting = Throttle(_hunting_limits(plan.limits), name="hunting")
+            ids = await targeting.run_hunting(client, hunting, request.hunting or "", policy)
+        source_path = (
+            plan.journal_path.with_name(plan.journal_path.name + ".targets")
+            if not targets.dry_run
+            else Path(tempfile.mkdtemp(prefix="bulkoffboard-plan-")) / "targets.txt"
         )
-        loop = asyncio.get_running_loop()
-        main_task = asyncio.current_task()
-        signals = 0
+        resolved = targeting.write_ids(source_path, ids)
+        source_format = "text"
+        header["source"] = {
+            **dict(request.describe),
+            "kind": request.kind,
+            "path": str(source_path),
+            "format": "text",
+            "resolved": resolved,
+            "sha256": _sha256(source_path),
+        }
+        log.info("targeting.resolved", kind=request.kind, machines=resolved)
+    if rules.preflight or rules.needs_metadata:
+        if inventory is None:
+            inventory, open_actions, done_actions = await targeting.inventory_for(
+                client, reads, rules, policy
+            )
+        elif rules.preflight:
+            open_actions, done_actions = await targeting.read_open_offboards(client, reads, policy)
+    prepared = targeting.plan_pass(
+        iter_records(source_path, source_format),
+        rules=rules,
+        inventory=inventory,
+        open_actions=open_actions,
+        done_actions=done_actions,
+        keep_rows=targets.dry_run and targets.dry_format != "table",
+    )
+    for item in unresolved:
+        prepared.decisions.append(
+            {
+                "type": "result",
+                "machine_id": None,
+                "outcome": Outcome.UNRESOLVED.value,
+                "message": item["message"],
+                "where": item["where"],
+                "input": item["input"],
+                "attempts": 0,
+                "at": iso(utc_now()),
+                "stage": "plan",
+            }
+        )
+        prepared.skipped[Outcome.UNRESOLVED.value] += 1
+        prepared.notes.append(f"{item['where']}: {item['message']}")
+    if inventory is None and (rules.preflight or rules.needs_metadata):
+        prepared.notes.append("preflight skipped: the device inventory could not be read")
+    header["exclusions"] = rules.as_json()
+    header["max_machines"] = targets.max_machines
+    new_plan_ = Plan(
+        **{
+            **{name: getattr(plan, name) for name in Plan.__dataclass_fields__},
+            "source_path": source_path,
+            "source_format": source_format,
+            "header": header,
+        }
+    )
+    return new_plan_, prepared
 
-        def on_signal() -> None:
-            nonlocal signals
-            signals += 1
-            if signals == 1:
-                runner.request_stop()
-            elif main_task is not None:
-                main_task.cancel()  # a second signal: stop waiting for in-flight calls
 
-        installed = []
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, on_signal)
-                installed.append(sig)
-        try:
-            return await runner.run(iter_records(plan.source_path, plan.source_format))
-        finally:
-            for sig in installed:
-                loop.remove_signal_handler(sig)
+async def _replan(
+    plan: Plan, client: MdeClient, reads: Throttle, journal: Journal, replay: Replay
+) -> None:
+    """The first session died while journaling its plan: decide again for what is unsettled,
+    so no excluded machine is offboarded."""
+    rules = targeting.Rules.from_json(replay.header.get("exclusions"))
+    inventory, open_actions, done_actions = await targeting.inventory_for(
+        client, reads, rules, _read_policy(plan)
+    )
+    settled = [m for m, state in replay.machines.items() if state.result is not None]
+    prepared = targeting.plan_pass(
+        iter_records(plan.source_path, plan.source_format),
+        rules=rules,
+        inventory=inventory,
+        open_actions=open_actions,
+        done_actions=done_actions,
+        settled=settled,
+    )
+    log.warning("plan.redone", decisions=len(prepared.decisions))
+    _journal_plan(journal, replay, prepared)
+
+
+def _read_policy(plan: Plan) -> ReadPolicy:
+    tuning = plan.tuning
+    return ReadPolicy(
+        attempts=2 * int(tuning.get("max_attempts", 6)),
+        backoff_base_s=float(tuning.get("backoff_base_s", 1.0)),
+        backoff_cap_s=float(tuning.get("backoff_cap_s", 60.0)),
+    )
+
+
+def _breaker(prepared: targeting.Prepared, targets: Targets) -> None:
+    """``--max-machines``: refuse a run that would offboard more, unless confirmed."""
+    limit = targets.max_machines
+    if limit is None or prepared.to_offboard <= limit or targets.assume_yes:
+        return
+    counts = (
+        f"would offboard {prepared.to_offboard} machines, over the limit of {limit} "
+        f"(--max-machines)"
+    )
+    if targets.interactive:
+        _print_plan(prepared, "table")
+        answer = input(f"{counts}. Offboard {prepared.to_offboard} machines? [y/N] ")
+        if answer.strip().lower() in ("y", "yes"):
+            return
+        raise UsageError("not confirmed: nothing was sent")
+    raise UsageError(f"{counts}: nothing was sent; check the plan with --dry-run, then add --yes")
+
+
+def _print_plan(prepared: targeting.Prepared, fmt: str) -> None:
+    out = sys.stdout
+    if fmt == "json":
+        data = {**prepared.as_json(), "machines": prepared.rows}
+        out.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    if fmt == "csv":
+        writer = csv.DictWriter(
+            out,
+            fieldnames=["machine_id", "action", "outcome", "reason", "name", "os"],
+            lineterminator="\n",
+        )
+        writer.writeheader()
+        for row in prepared.rows:
+            writer.writerow(row)
+        return
+    out.write("plan (nothing has been sent):\n")
+    out.write(f"  {'would offboard':<22}{prepared.to_offboard:>8}\n")
+    for outcome, number in sorted(prepared.skipped.items()):
+        out.write(f"  {'skip: ' + outcome:<22}{number:>8}\n")
+    if prepared.invalid:
+        out.write(f"  {'skip: invalid_id':<22}{prepared.invalid:>8}\n")
+    if prepared.duplicates:
+        out.write(f"  {'duplicates dropped':<22}{prepared.duplicates:>8}\n")
+    reasons = collections.Counter(
+        str(d.get("rule") or d.get("message")) for d in prepared.decisions
+    )
+    if reasons:
+        out.write("why skipped:\n")
+        for reason, number in reasons.most_common(15):
+            out.write(f"  {number:>6}  {reason}\n")
+    for note in prepared.notes[:20]:
+        out.write(f"note: {note}\n")
+    out.flush()
+
+
+async def _run_session(  # noqa: PLR0917 - the wiring of one session
+    plan: Plan,
+    client: MdeClient,
+    tokens: TokenProvider,
+    journal: Journal,
+    replay: Replay,
+    reads: Throttle,
+) -> Summary:
+    throttle = Throttle(plan.limits, name="offboard")
+    seeded = throttle.seed(Throttle.wall_to_clock(replay.recent_sends, throttle.now()))
+    for round_trip in replay.recent_round_trips:
+        # The calls of the process before arrived up to a round trip after their send
+        # times: keep that much margin until this process has measured its own.
+        throttle.observe(round_trip)
+    if seeded:
+        log.info("throttle.seeded", sends=seeded, margin_s=throttle.margin_hint_s())
+    runner = Runner(
+        client=client,
+        tokens=tokens,
+        journal=journal,
+        replay=replay,
+        throttle=throttle,
+        read_throttle=reads,
+        settings=RunSettings(
+            comment=plan.comment, run_id=plan.run_id, workers=plan.workers, **plan.tuning
+        ),
+    )
+    loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            runner.request_stop()
+        elif main_task is not None:
+            main_task.cancel()  # a second signal: stop waiting for in-flight calls
+
+    installed = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, on_signal)
+            installed.append(sig)
+    try:
+        return await runner.run(iter_records(plan.source_path, plan.source_format))
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
 
 
 # -- commands --------------------------------------------------------------------------------------
+
+
+def _request(args: argparse.Namespace, journal_path: Path | None) -> targeting.Request:
+    """The one source a run reads, checked before anything is sent."""
+    presets = bool(
+        args.inactive_days is not None or args.health or args.os or args.tag or args.group
+    )
+    chosen = [
+        name
+        for name, given in (
+            ("--ids", args.ids is not None),
+            ("--query/presets", args.query is not None or presets),
+            ("--names", args.names is not None),
+            ("--hunting", args.hunting is not None),
+        )
+        if given
+    ]
+    if len(chosen) != 1:
+        raise UsageError(
+            "give exactly one source: --ids, --query (or presets such as --inactive-days), "
+            f"--names or --hunting (got {', '.join(chosen) or 'none'})"
+        )
+    if args.ids is not None:
+        if args.ids == "-":
+            if journal_path is None:
+                raise UsageError("--ids - needs --journal (standard input is kept beside it)")
+            path = journal_path.with_name(journal_path.name + ".stdin")
+            spool_stdin(path, sys.stdin.buffer)
+            kind = "stdin"
+        else:
+            path = Path(args.ids).expanduser().absolute()
+            kind = "file"
+        fmt = detect_format(path, None if args.ids_format == "auto" else args.ids_format)
+        iter_records(path, fmt)  # checks the file now: missing, unreadable, binary
+        return targeting.Request(kind, path, fmt, describe={"path": str(path), "format": fmt})
+    if args.names is not None:
+        path = Path(args.names).expanduser().absolute()
+        targeting.read_names(path)  # checks the file now
+        return targeting.Request("names", path, describe={"names": str(path)})
+    if args.hunting is not None:
+        text = args.hunting
+        if text.startswith("@"):
+            kql_path = Path(text[1:]).expanduser()
+            try:
+                text = kql_path.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise UsageError(f"--hunting {kql_path}: {exc.strerror}") from None
+        if not text.strip():
+            raise UsageError("--hunting: the query is empty")
+        return targeting.Request("hunting", hunting=text, describe={"hunting": text})
+    if args.inactive_days is not None and args.inactive_days < 0:
+        raise UsageError(f"--inactive-days must not be negative, not {args.inactive_days}")
+    group_ids = [int(g) for g in args.group if str(g).isdigit()]
+    group_names = tuple(g for g in args.group if not str(g).isdigit())
+    odata = targeting.build_filter(
+        query=args.query,
+        inactive_days=args.inactive_days,
+        health=args.health,
+        os_platforms=args.os,
+        tags=args.tag,
+        group_ids=group_ids,
+    )
+    describe = {
+        "filter": odata,
+        "presets": {
+            "query": args.query,
+            "inactive_days": args.inactive_days,
+            "health": args.health,
+            "os": args.os,
+            "tag": args.tag,
+            "group": args.group,
+        },
+    }
+    return targeting.Request("query", odata=odata, group_names=group_names, describe=describe)
+
+
+def _rules(args: argparse.Namespace, file_cfg: dict[str, Any]) -> targeting.Rules:
+    """Exclusions from the config file and the command line (both apply)."""
+    ids: set[str] = set()
+    for value in [*file_cfg.get("exclude_ids", []), *args.exclude_id]:
+        machine_id = normalize_machine_id(str(value))
+        if machine_id is None:
+            raise UsageError(f"exclusion id {value!r} is not a 40-hex machine id")
+        ids.add(machine_id)
+    return targeting.Rules(
+        tags=tuple(str(v) for v in [*file_cfg.get("exclude_tags", []), *args.exclude_tag]),
+        groups=tuple(str(v) for v in [*file_cfg.get("exclude_groups", []), *args.exclude_group]),
+        ids=frozenset(ids),
+        names=tuple(str(v) for v in [*file_cfg.get("exclude_names", []), *args.exclude_name]),
+        preflight=not args.no_preflight,
+    )
+
+
+def _journal_path(args: argparse.Namespace, file_cfg: dict[str, Any]) -> Path | None:
+    if args.journal:
+        path = Path(args.journal).expanduser().absolute()
+    elif file_cfg.get("journal_dir") and not args.dry_run:
+        stamp = utc_now().strftime("%Y%m%d-%H%M%S")
+        path = Path(file_cfg["journal_dir"]).expanduser().absolute() / f"bulkoffboard-{stamp}.jsonl"
+    elif args.dry_run:
+        return None
+    else:
+        raise UsageError("--journal is required (or set journal_dir in the config file)")
+    if path.exists() and path.stat().st_size > 0:
+        raise UsageError(
+            f"journal {path} already exists; use 'bulkoffboard resume --journal {path}' to "
+            "continue it, or choose a new path"
+        )
+    if not path.parent.is_dir():
+        raise UsageError(f"the journal's folder {path.parent} does not exist")
+    return path
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -374,33 +815,43 @@ def cmd_run(args: argparse.Namespace) -> int:
     comment = (args.comment or file_cfg.get("comment") or config.DEFAULT_COMMENT).strip()
     if not comment:
         raise UsageError("--comment must not be empty")
-    journal_path = Path(args.journal).expanduser().absolute()
-    if journal_path.exists() and journal_path.stat().st_size > 0:
-        raise UsageError(
-            f"journal {journal_path} already exists; use 'bulkoffboard resume --journal "
-            f"{journal_path}' to continue it, or choose a new path"
-        )
-    if not journal_path.parent.is_dir():
-        raise UsageError(f"the journal's folder {journal_path.parent} does not exist")
-    if args.ids == "-":
-        source_path = journal_path.with_name(journal_path.name + ".stdin")
-        spool_stdin(source_path, sys.stdin.buffer)
-        kind = "stdin"
-    else:
-        source_path = Path(args.ids).expanduser().absolute()
-        kind = "file"
-    fmt = detect_format(source_path, None if args.ids_format == "auto" else args.ids_format)
-    iter_records(source_path, fmt)  # checks the file now: missing, unreadable, binary
+    max_machines = (
+        args.max_machines if args.max_machines is not None else file_cfg.get("max_machines")
+    )
+    if max_machines is not None and max_machines < 0:
+        raise UsageError(f"--max-machines must not be negative, not {max_machines}")
+    journal_path = _journal_path(args, file_cfg)
+    request = _request(args, journal_path)
+    rules = _rules(args, file_cfg)
+    journal_or_temp = journal_path or Path(tempfile.gettempdir()) / "bulkoffboard-dry-run.jsonl"
     plan = new_plan(
-        journal_path=journal_path,
-        source={"kind": kind, "path": str(source_path), "format": fmt},
+        journal_path=journal_or_temp,
+        source={
+            "kind": request.kind,
+            "path": str(
+                request.path or journal_or_temp.with_name(journal_or_temp.name + ".targets")
+            ),
+            "format": request.fmt if request.kind in ("file", "stdin") else "text",
+            **dict(request.describe),
+        },
         comment=comment,
         workers=workers,
         limits=limits,
         conn=conn,
     )
-    summary = asyncio.run(execute(plan, conn))
-    _print_summary(summary, journal_path, plan.run_id)
+    targets = Targets(
+        request=request,
+        rules=rules,
+        max_machines=max_machines,
+        assume_yes=args.yes,
+        dry_run=args.dry_run,
+        dry_format=args.format,
+        interactive=sys.stdin.isatty() and sys.stdout.isatty(),
+    )
+    summary = asyncio.run(execute(plan, conn, targets))
+    if args.dry_run:
+        return int(ExitCode.OK)
+    _print_summary(summary, journal_or_temp, plan.run_id)
     return int(summary.exit_code)
 
 
@@ -423,7 +874,7 @@ def new_plan(
         "tool_version": __version__,
         "run_id": run_id,
         "created_at": iso(utc_now()),
-        "source": {**source, "sha256": _sha256(source_path)},
+        "source": {**source, **({"sha256": _sha256(source_path)} if source_path.is_file() else {})},
         "comment": comment,
         "limits": [[limit.calls, limit.period_s] for limit in limits],
         "workers": workers,

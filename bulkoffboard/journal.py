@@ -13,6 +13,7 @@ Format (version 1), one JSON object per line, ``type`` first:
              ``invalid_id`` also ``where`` (file:line) and ``input`` (the rejected value).
 ``status``   a later look at an action (verify): ``machine_id``, ``action_id``,
              ``action_status``, ``at``.
+``plan``     every planning decision (exclusions, preflight) is journaled: ``at``, ``counts``.
 ``end``      a process stopped: ``at``, ``exit_code``, ``reason``, ``counts``.
 
 Times are ISO-8601 UTC with microseconds and a ``Z``. The last ``result`` of a machine wins.
@@ -222,6 +223,20 @@ class MachineState:
     last_attempt_at: float = 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class ActionSeen:
+    """The latest known status of a machine's offboard action, and when it was seen."""
+
+    #: The machine action's id (None when the record did not name one).
+    action_id: str | None
+    #: MDE's status: Pending, InProgress, Succeeded, Failed, TimeOut, Cancelled (or as sent).
+    action_status: str
+    #: When it was seen, in the journal's time format ("" when unknown).
+    at: str
+    #: True when a ``status`` record (verify) said so; False when it comes from the result.
+    verified: bool = True
+
+
 @dataclass(slots=True)
 class Replay:
     """A journal read back: header, per-machine state, recent send times."""
@@ -243,6 +258,15 @@ class Replay:
     sessions: int = 0
     lines: int = 0
     torn_tail: bool = False
+    #: True once a ``plan`` record says every planning decision was journaled.
+    planned: bool = False
+
+    def apply(self, record: dict[str, Any]) -> None:
+        """Fold one record written by this process (keeps the replay current)."""
+        _fold(self, record, Path("<this run>"), 0)
+
+    #: The last ``status`` record of each machine (verify's looks at its action), by machine id.
+    statuses: dict[str, ActionSeen] = field(default_factory=dict)
 
     @property
     def run_id(self) -> str:
@@ -266,6 +290,25 @@ class Replay:
     def in_doubt(self) -> list[str]:
         """Machines whose last attempt has no result."""
         return [m for m, s in self.machines.items() if s.in_doubt]
+
+    def latest_action(self, machine_id: str) -> ActionSeen | None:
+        """The newest known status of the machine's action: its last ``status`` record when
+        that names the action of its last result (or the result names none), else the status
+        the result itself recorded; None when neither is known."""
+        state = self.machines.get(machine_id)
+        result = state.result if state is not None else None
+        seen = self.statuses.get(machine_id)
+        result_action = result.get("action_id") if result is not None else None
+        if seen is not None and (result_action is None or result_action == seen.action_id):
+            return seen
+        if result is not None and isinstance(result.get("action_status"), str):
+            return ActionSeen(
+                action_id=result_action if isinstance(result_action, str) else None,
+                action_status=result["action_status"],
+                at=str(result.get("at") or ""),
+                verified=False,
+            )
+        return None
 
 
 def invalid_key(where: str, raw: str) -> str:
@@ -328,10 +371,24 @@ def _fold(replay: Replay, record: dict[str, Any], path: Path, number: int) -> No
     if kind == "session":
         replay.sessions += 1
         return
+    if kind == "plan":
+        replay.planned = True
+        return
+    if kind == "status":
+        _fold_status(replay, record)
+        return
     if kind not in ("attempt", "result"):
-        return  # header repeats, status, end and unknown types do not change the plan
+        return  # header repeats, end and unknown types do not change the plan
     machine_id = record.get("machine_id")
-    if kind == "result" and record.get("outcome") == "invalid_id":
+    if (
+        kind == "result"
+        and record.get("machine_id") is None
+        and record.get("outcome")
+        in (
+            "invalid_id",
+            "unresolved",
+        )
+    ):
         key = invalid_key(str(record.get("where", "")), str(record.get("input", "")))
         if key not in replay.invalid_seen:
             replay.invalid_seen.add(key)
@@ -356,6 +413,22 @@ def _fold(replay: Replay, record: dict[str, Any], path: Path, number: int) -> No
                 replay.recent_round_trips.append(max(0.0, at - state.last_attempt_at))
         state.result = record
         state.in_doubt = False
+
+
+def _fold_status(replay: Replay, record: dict[str, Any]) -> None:
+    """Keep the latest ``status`` record of a machine. Status records never change the plan
+    (which machines to send), so an incomplete one is skipped rather than refused."""
+    machine_id = record.get("machine_id")
+    status = record.get("action_status")
+    if not isinstance(machine_id, str) or not isinstance(status, str):
+        return
+    action_id = record.get("action_id")
+    at = record.get("at")
+    replay.statuses[machine_id] = ActionSeen(
+        action_id=action_id if isinstance(action_id, str) else None,
+        action_status=status,
+        at=at if isinstance(at, str) else "",
+    )
 
 
 def _epoch(record: dict[str, Any], path: Path, number: int) -> float | None:

@@ -39,6 +39,8 @@ class Outcome(enum.StrEnum):
     FORBIDDEN = "forbidden"
     INVALID_ID = "invalid_id"
     EXCLUDED = "excluded"
+    #: A host name that matched no device, or several (``--names``): reported, never guessed.
+    UNRESOLVED = "unresolved"
     FAILED = "failed"
 
     @property

@@ -62,7 +62,7 @@ from bulkoffboard.emulator.fleet import (
     machine_id_for,
     make_fleet,
 )
-from bulkoffboard.errors import AuthError
+from bulkoffboard.errors import AuthError, UsageError
 from tests.conftest import StartEmulator, token_provider
 
 SCOPE = f"{DEFAULT_AUDIENCE}/.default"
@@ -321,7 +321,7 @@ async def test_client_that_does_not_trust_the_ca_fails_tls_verification(
         timeout_s=5,
     )
     try:
-        with pytest.raises(AuthError, match="cannot reach the authority"):
+        with pytest.raises(UsageError, match="TLS verification failed"):
             await untrusting.token()
     finally:
         untrusting.close()

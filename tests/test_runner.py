@@ -175,7 +175,9 @@ async def test_forbidden_everywhere_stops_early_with_exit_3_naming_the_permissio
     assert summary.exit_code == ExitCode.AUTH
     assert "Machine.Offboard" in summary.reason
     assert summary.calls < 10, "kept calling after every call was forbidden"
-    assert set(outcome_by_machine(plan.journal_path).values()) == {"forbidden"}
+    outcomes = set(outcome_by_machine(plan.journal_path).values())
+    assert "forbidden" in outcomes
+    assert outcomes <= {"forbidden", "unsupported"}  # unsupported: decided by the preflight
 
 
 async def test_server_errors_until_retries_run_out_end_failed_and_exit_1_then_resume_retries(
@@ -261,13 +263,14 @@ async def test_an_in_doubt_machine_is_looked_up_and_not_posted_again(
     before = dict(server.emulator.truth.offboard_posts)
     in_doubt = replay_file(plan.journal_path).in_doubt()
     assert in_doubt, "the interrupted machine should be in doubt"
+    had_action = [m for m in in_doubt if server.emulator.truth.actions_created[m]]
+    assert had_action, "the dropped response left an action behind"
 
     summary = await execute(resume_plan(server, plan.journal_path), connection_for(server))
 
     assert summary.exit_code == ExitCode.OK
-    for machine_id in in_doubt:
-        if server.emulator.truth.actions_created[machine_id]:
-            assert server.emulator.truth.offboard_posts[machine_id] == before.get(machine_id, 0)
+    for machine_id in had_action:
+        assert server.emulator.truth.offboard_posts[machine_id] == before[machine_id]
     assert summary.reconciled >= 1
     assert all(n == 1 for n in ours(server, plan.run_id).values())
     assert set(outcome_by_machine(plan.journal_path).values()) == {"offboarded"}
