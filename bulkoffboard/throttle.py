@@ -20,12 +20,13 @@ their arrivals are at least ``period`` apart. The margin is therefore the larger
 run).
 
 A pace sets a minimum gap between consecutive grants, so a minute's budget goes out as a
-short, smooth stream rather than as one burst of simultaneous connections. It is one more
-"earliest free time" next to the windows' (the last grant plus the pace), not an
-``aiolimiter.AsyncLimiter(1, pace)``: that pacer hung under a frozen loop clock (looptime) with
-the default pace of 60 ms, because a float residue left its level a hair above zero and it
-rescheduled itself at "now" forever; and since it was acquired before the log's wait, two
-grants could still leave at the same instant after a long wait or a pause.
+short, smooth stream rather than as one burst of simultaneous connections. ``aiolimiter`` does
+the pacing: an ``AsyncLimiter(1, pace)`` bucket, whose capacity is checked without blocking and
+filled at the grant, after the log's wait (so two grants can never leave at the same instant
+after a long wait or a pause). Its own waiting is not used: under a frozen loop clock (looptime)
+with the default 60 ms pace, a float residue left its level a hair above zero and it
+rescheduled its wake-up at "now" forever. The gap is also one more "earliest free time" next to
+the windows' (the last grant plus the pace), which estimates use.
 
 A 429 pauses every caller until its Retry-After has passed (:meth:`Throttle.pause`), and a
 resumed run seeds the log with the send times of the process before (:meth:`Throttle.seed`).
@@ -39,6 +40,8 @@ import contextlib
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+
+from aiolimiter import AsyncLimiter
 
 #: Sleeps computed here are never shorter than this: a float residue that makes the next
 #: wake-up equal "now" would spin forever under a frozen loop clock (LIBRARY-NOTES.md).
@@ -145,6 +148,10 @@ class Throttle:
         self.pace_s = pace_s
         # A gap below the shortest sleep cannot be kept anyway: no pace then.
         self._gap_s = pace_s if pace_s > _MIN_SLEEP_S else 0.0
+        # aiolimiter paces: a bucket of one that drains in ``pace_s``. Its capacity is checked
+        # without blocking and the waiting is done here, because its own wake-up can land on
+        # "now" forever under a fast-forwarded clock (LIBRARY-NOTES.md).
+        self._pacer = AsyncLimiter(1, self._gap_s) if self._gap_s else None
         self._last_grant = float("-inf")
         self.granted = 0
         self.pauses = 0
@@ -198,11 +205,15 @@ class Throttle:
                 now = self.now()
                 wait = self.next_free() - now
                 if wait <= 0:
-                    break
+                    if self._pacer is None or self._pacer.has_capacity():
+                        break
+                    wait = _MIN_SLEEP_S  # the bucket's float residue: drains in a moment
                 self._changed.clear()
                 # Wake at the free time, or early when a pause changes the picture.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), max(wait, _MIN_SLEEP_S))
+            if self._pacer is not None:
+                await self._pacer.acquire()  # has capacity: returns at once, fills the bucket
             for log in self._logs:
                 log.record(now)
             self._last_grant = now
@@ -220,13 +231,14 @@ class Throttle:
     def seed(self, send_times: Iterable[float]) -> int:
         """Count earlier sends (clock times, in any order) so a restart cannot overshoot.
 
-        Returns how many were counted. Times too old to hold back any grant from now on (older
-        than the longest window plus its margin) are ignored. The times are sorted first: they
-        come from the journal's wall-clock stamps, which a clock stepped back leaves out of
-        order, and each window keeps only its most recent sends.
+        Returns how many were counted. Times too old to hold back any grant from now on are
+        ignored: older than the longest window plus the widest margin it can ever have (a
+        quarter of it), because round trips observed after the seed (the resume order) widen
+        the margin for the seeded sends too. The times are sorted first: they come from the
+        journal's wall-clock stamps, which a clock stepped back leaves out of order, and each
+        window keeps only its most recent sends.
         """
-        extra = self._max_round_trip_s
-        horizon = self.now() - max(log.reach_s(extra) for log in self._logs)
+        horizon = self.now() - max(log.reach_s(float("inf")) for log in self._logs)
         kept = sorted(at for at in send_times if at >= horizon)
         for at in kept:
             for log in self._logs:
