@@ -35,6 +35,7 @@ from bulkoffboard.errors import (
 )
 from bulkoffboard.journal import Journal, Replay, invalid_key, iso, utc_now
 from bulkoffboard.models import MachineAction, Outcome
+from bulkoffboard.reads import ReadPolicy, read_with_retries
 from bulkoffboard.sources import Deduplicator, SourceRecord
 from bulkoffboard.throttle import Throttle
 
@@ -491,36 +492,32 @@ class Runner:
         """The machine's Offboard actions, retrying transient errors; None if unreadable."""
         if self._reads_forbidden:
             return None
-        failures = 0
-        refreshed = False
-        while True:
-            granted = await self._reads.acquire()
-            try:
-                try:
-                    return await self._client.offboard_actions_for(machine_id)
-                finally:
-                    self._reads.observe(self._reads.now() - granted)
-            except ThrottledError as exc:
-                self._reads.pause(exc.retry_after_s)
-            except UnauthorizedError:
-                if refreshed:
-                    raise _AuthFailure("the API keeps rejecting fresh tokens") from None
-                refreshed = True
-            except ForbiddenError:
-                self._reads_forbidden = True
-                log.warning(
-                    "reconcile.reads_forbidden",
-                    hint="grant Machine.Read.All so in-doubt machines can be checked before "
-                    "they are sent again",
-                )
-                return None
-            except RetryableError as exc:
-                failures += 1
-                if failures >= 2 * self.settings.max_attempts or self._stop.is_set():
-                    raise _LookupFailed(exc) from None
-                await asyncio.sleep(self._backoff_s(failures))
-            except ApiError as exc:
-                raise _LookupFailed(exc) from None
+        settings = self.settings
+        policy = ReadPolicy(
+            attempts=2 * settings.max_attempts,
+            backoff_base_s=settings.backoff_base_s,
+            backoff_cap_s=settings.backoff_cap_s,
+        )
+        try:
+            return await read_with_retries(
+                self._reads,
+                lambda: self._client.offboard_actions_for(machine_id),
+                what="machine actions",
+                policy=policy,
+                rng=self._rng,
+            )
+        except UnauthorizedError:
+            raise _AuthFailure("the API keeps rejecting fresh tokens") from None
+        except ForbiddenError:
+            self._reads_forbidden = True
+            log.warning(
+                "reconcile.reads_forbidden",
+                hint="grant Machine.Read.All so in-doubt machines can be checked before "
+                "they are sent again",
+            )
+            return None
+        except ApiError as exc:
+            raise _LookupFailed(exc) from None
 
     # -- journal -----------------------------------------------------------------------------------
 
