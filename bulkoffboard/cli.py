@@ -19,7 +19,7 @@ import ssl
 import sys
 import tempfile
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,10 +47,12 @@ from bulkoffboard.errors import (
 )
 from bulkoffboard.journal import FORMAT_VERSION, TOOL, Journal, Replay, iso, replay_file, utc_now
 from bulkoffboard.models import Outcome, normalize_machine_id
+from bulkoffboard.progress import Progress, throttle_eta
 from bulkoffboard.reads import ReadPolicy
 from bulkoffboard.runner import ExitCode, Runner, RunSettings, Summary
 from bulkoffboard.sources import FORMATS, detect_format, iter_records, spool_stdin
 from bulkoffboard.throttle import Limit, Throttle
+from bulkoffboard.verify import READ_LIMITS, VerifySettings, VerifySummary, verify
 
 log = structlog.get_logger("bulkoffboard.cli")
 
@@ -128,6 +130,24 @@ def make_tokens(conn: config.Connection) -> TokenProvider:
         scope=conn.scope,
         ca_bundle=conn.ca_bundle,
     )
+
+
+def _add_summary_json(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--summary-json",
+        metavar="PATH",
+        help="write a machine-readable summary (counts, duration, calls, 429s, exit code) here",
+    )
+
+
+def _write_summary(args: argparse.Namespace, data: dict[str, Any], journal: Path | None) -> None:
+    path = getattr(args, "summary_json", None)
+    if not path:
+        return
+    try:
+        report.summary_json(data, Path(path).expanduser(), command=args.command, journal=journal)
+    except OSError as exc:
+        log.warning("summary_json.failed", path=path, error=exc.strerror)
 
 
 def _add_limits(parser: argparse.ArgumentParser) -> None:
@@ -240,6 +260,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     safety.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     run.add_argument("--journal", metavar="PATH", help="the JSONL journal to create")
+    run.add_argument(
+        "--wait",
+        action="store_true",
+        help="after submitting, follow the actions until final (as 'verify --until-final')",
+    )
+    run.add_argument(
+        "--wait-deadline",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="how long --wait follows the actions (default 3600)",
+    )
+    run.add_argument(
+        "--poll-interval",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="--wait's first poll delay; it backs off from there (default 60)",
+    )
+    _add_summary_json(run)
     run.add_argument("--comment", help="the offboard comment (the run id is appended)")
     run.add_argument("--workers", type=int, metavar="N", help="concurrent workers (default 8)")
     _add_limits(run)
@@ -250,10 +290,46 @@ def build_parser() -> argparse.ArgumentParser:
     resume = commands.add_parser("resume", help="continue an interrupted run from its journal")
     resume.add_argument("--journal", required=True, metavar="PATH")
     resume.add_argument("--workers", type=int, metavar="N", help="override the run's workers")
+    _add_summary_json(resume)
     _add_limits(resume)
     _add_connection(resume)
     _add_common(resume)
     resume.set_defaults(func=cmd_resume)
+
+    ver = commands.add_parser(
+        "verify",
+        help="follow the offboard actions of a journal and journal their status",
+        description="Look up the machine action of every offboarded / already_pending machine "
+        "whose action is not final yet (batched GET /api/machineactions calls under that "
+        "endpoint's own limits) and append 'status' records. Resumable; safe to run every "
+        "night on the same journal.",
+    )
+    ver.add_argument("--journal", required=True, metavar="PATH")
+    ver.add_argument(
+        "--until-final",
+        action="store_true",
+        help="keep polling with backoff until every action is final or the deadline passes",
+    )
+    ver.add_argument("--max-age", type=float, metavar="DAYS", help="skip actions older than this")
+    ver.add_argument(
+        "--deadline",
+        type=float,
+        default=6 * 3600.0,
+        metavar="SECONDS",
+        help="with --until-final, give up after this long (default 6 h)",
+    )
+    ver.add_argument(
+        "--poll-interval",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="with --until-final, the first poll delay; it backs off from there (default 60)",
+    )
+    _add_limits(ver)
+    _add_summary_json(ver)
+    _add_connection(ver)
+    _add_common(ver)
+    ver.set_defaults(func=cmd_verify)
 
     check = commands.add_parser(
         "check",
@@ -295,6 +371,11 @@ class Plan:
     header: dict[str, Any] | None  # None when resuming
     #: Extra RunSettings fields (backoff, grace period...), for tests and benchmarks.
     tuning: Mapping[str, Any] = field(default_factory=dict)
+    #: ``run --wait``: follow the actions until final, at most this long (None: do not wait).
+    wait_deadline_s: float | None = None
+    wait_poll_s: float = 60.0
+    log_format: str = "auto"
+    log_level: str = "warning"
 
 
 def _file_config(path_arg: str | None) -> dict[str, Any]:
@@ -398,6 +479,7 @@ async def _with_client(
     targets: Targets | None,
 ) -> Summary:
     replay: Replay
+    total: int | None = None
     if plan.header is not None:
         targets = targets or Targets(
             targeting.Request("file", plan.source_path, plan.source_format)
@@ -409,6 +491,7 @@ async def _with_client(
             dry.finished = dry.started
             return dry
         _breaker(prepared, targets)
+        total = prepared.to_offboard
         assert plan.header is not None  # noqa: S101 - a new run has a header
         journal = Journal.create(plan.journal_path, plan.header)
         replay = Replay(header=plan.header)
@@ -437,7 +520,7 @@ async def _with_client(
             },
             sync=True,
         )
-        summary = await _run_session(plan, client, tokens, journal, replay, reads)
+        summary = await _run_session(plan, client, tokens, journal, replay, reads, total=total)
         return summary
     finally:
         end: dict[str, Any] = {"type": "end", "at": iso(utc_now())}
@@ -648,6 +731,8 @@ async def _run_session(  # noqa: PLR0917 - the wiring of one session
     journal: Journal,
     replay: Replay,
     reads: Throttle,
+    *,
+    total: int | None = None,
 ) -> Summary:
     throttle = Throttle(plan.limits, name="offboard")
     seeded = throttle.seed(Throttle.wall_to_clock(replay.recent_sends, throttle.now()))
@@ -657,6 +742,9 @@ async def _run_session(  # noqa: PLR0917 - the wiring of one session
         throttle.observe(round_trip)
     if seeded:
         log.info("throttle.seeded", sends=seeded, margin_s=throttle.margin_hint_s())
+    progress = Progress(
+        log_format=plan.log_format, eta=throttle_eta(throttle), log_level=plan.log_level
+    )
     runner = Runner(
         client=client,
         tokens=tokens,
@@ -667,7 +755,9 @@ async def _run_session(  # noqa: PLR0917 - the wiring of one session
         settings=RunSettings(
             comment=plan.comment, run_id=plan.run_id, workers=plan.workers, **plan.tuning
         ),
+        on_result=progress.on_result,
     )
+    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()
     signals = 0
@@ -677,6 +767,7 @@ async def _run_session(  # noqa: PLR0917 - the wiring of one session
         signals += 1
         if signals == 1:
             runner.request_stop()
+            stop.set()
         elif main_task is not None:
             main_task.cancel()  # a second signal: stop waiting for in-flight calls
 
@@ -685,9 +776,38 @@ async def _run_session(  # noqa: PLR0917 - the wiring of one session
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, on_signal)
             installed.append(sig)
+    progress.start(total)
+    if progress.mode == "rich":
+        logs.configure("console", plan.log_level, stream=progress.log_stream())
     try:
-        return await runner.run(iter_records(plan.source_path, plan.source_format))
+        summary = await runner.run(iter_records(plan.source_path, plan.source_format))
+        progress.stop()
+        if plan.wait_deadline_s is not None and summary.exit_code in (
+            ExitCode.OK,
+            ExitCode.SOME_FAILED,
+        ):
+            waited = await verify(
+                journal,
+                replay_file(plan.journal_path),
+                client,
+                reads,
+                VerifySettings(
+                    until_final=True,
+                    deadline_s=plan.wait_deadline_s,
+                    poll_base_s=plan.wait_poll_s,
+                    poll_cap_s=max(plan.wait_poll_s, 900.0),
+                ),
+                stop=stop,
+            )
+            summary.waited = waited.as_dict()
+            if summary.exit_code == ExitCode.OK and waited.exit_code != 0:
+                summary.exit_code = ExitCode(waited.exit_code)
+                summary.reason = f"submitted; waiting: {waited.reason}"
+        return summary
     finally:
+        progress.stop()
+        if progress.mode == "rich":
+            logs.configure(plan.log_format, plan.log_level)
         for sig in installed:
             loop.remove_signal_handler(sig)
 
@@ -848,10 +968,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         dry_format=args.format,
         interactive=sys.stdin.isatty() and sys.stdout.isatty(),
     )
+    plan = Plan(
+        **{
+            **{name: getattr(plan, name) for name in Plan.__dataclass_fields__},
+            "wait_deadline_s": args.wait_deadline if args.wait else None,
+            "wait_poll_s": args.poll_interval,
+            "log_format": args.log_format,
+            "log_level": args.log_level,
+        }
+    )
     summary = asyncio.run(execute(plan, conn, targets))
     if args.dry_run:
         return int(ExitCode.OK)
     _print_summary(summary, journal_or_temp, plan.run_id)
+    _write_summary(args, summary.as_dict(), journal_or_temp)
     return int(summary.exit_code)
 
 
@@ -928,8 +1058,16 @@ def cmd_resume(args: argparse.Namespace) -> int:
     conn = _connection(args, file_cfg)
     journal_path = Path(args.journal).expanduser().absolute()
     plan = plan_resume(journal_path, args.limit, args.workers, file_cfg)
+    plan = Plan(
+        **{
+            **{name: getattr(plan, name) for name in Plan.__dataclass_fields__},
+            "log_format": args.log_format,
+            "log_level": args.log_level,
+        }
+    )
     summary = asyncio.run(execute(plan, conn))
     _print_summary(summary, journal_path, plan.run_id)
+    _write_summary(args, summary.as_dict(), journal_path)
     return int(summary.exit_code)
 
 
@@ -992,6 +1130,103 @@ async def _check(conn: config.Connection) -> int:
         tokens.close()
 
 
+async def _verify(
+    journal_path: Path,
+    conn: config.Connection,
+    limits: tuple[Limit, ...],
+    settings: VerifySettings,
+) -> VerifySummary:
+    tokens = make_tokens(conn)
+    try:
+        await tokens.token()
+        journal, replay = Journal.resume(journal_path)
+        try:
+            tenant = replay.header.get("tenant_id")
+            if tenant and conn.credential_kind != "managed_identity" and tenant != conn.tenant_id:
+                raise UsageError(
+                    f"journal {journal_path} belongs to tenant {tenant}, not {conn.tenant_id}: "
+                    "its actions would all look missing"
+                )
+            journal.append(
+                {
+                    "type": "session",
+                    "at": iso(utc_now()),
+                    "pid": os.getpid(),
+                    "command": "verify",
+                    "tool_version": __version__,
+                },
+                sync=True,
+            )
+            timeout = aiohttp.ClientTimeout(total=90, connect=15, sock_read=60)
+            async with aiohttp.ClientSession(timeout=timeout, trust_env=True) as session:
+                client = MdeClient(session, conn.api_url, tokens, ssl_context=_ssl_for(conn))
+                stop = asyncio.Event()
+                with _signals_set(stop):
+                    summary = await verify(
+                        journal,
+                        replay,
+                        client,
+                        Throttle(limits, name="reads"),
+                        settings,
+                        stop=stop,
+                    )
+            journal.append(
+                {
+                    "type": "end",
+                    "at": iso(utc_now()),
+                    "exit_code": summary.exit_code,
+                    "reason": summary.reason,
+                    "action_statuses": summary.as_dict().get("action_statuses", {}),
+                },
+                sync=True,
+            )
+            return summary
+        finally:
+            journal.close()
+    finally:
+        tokens.close()
+
+
+@contextlib.contextmanager
+def _signals_set(event: asyncio.Event) -> Iterator[None]:
+    """SIGINT/SIGTERM set ``event`` while the block runs."""
+    loop = asyncio.get_running_loop()
+    installed = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, event.set)
+            installed.append(sig)
+    try:
+        yield
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """``bulkoffboard verify``."""
+    file_cfg = _file_config(args.config)
+    conn = _connection(args, file_cfg)
+    limits = config.parse_limits(args.limit, {}) if args.limit else READ_LIMITS
+    journal_path = Path(args.journal).expanduser().absolute()
+    settings = VerifySettings(
+        until_final=args.until_final,
+        max_age_days=args.max_age,
+        deadline_s=args.deadline if args.until_final else None,
+        poll_base_s=args.poll_interval,
+        poll_cap_s=max(args.poll_interval, 900.0),
+    )
+    summary = asyncio.run(_verify(journal_path, conn, limits, settings))
+    data = summary.as_dict()
+    out = sys.stdout
+    out.write(f"verify {journal_path}: {data.get('reason')} (exit {summary.exit_code})\n")
+    for status, number in sorted((data.get("action_statuses") or {}).items()):
+        out.write(f"  {status:<16}{number:>8}\n")
+    out.write(f"calls {data.get('calls')}, 429s {data.get('throttled_429')}\n")
+    _write_summary(args, data, journal_path)
+    return int(summary.exit_code)
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     """``bulkoffboard check``."""
     conn = _connection(args, _file_config(args.config))
@@ -1000,8 +1235,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """``bulkoffboard report``."""
-    replay = replay_file(Path(args.journal).expanduser())
-    sys.stdout.write(report.RENDERERS[args.format](replay))
+    sys.stdout.write(report.render_file(Path(args.journal).expanduser(), args.format))
     return 0
 
 

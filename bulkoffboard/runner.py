@@ -91,6 +91,8 @@ class Summary:
     exit_code: ExitCode = ExitCode.OK
     reason: str = "completed"
     unprocessed: int = 0
+    #: ``run --wait``: what following the actions found.
+    waited: dict[str, Any] | None = None
 
     @property
     def total(self) -> int:
@@ -114,6 +116,7 @@ class Summary:
             "duration_s": round(self.duration_s, 3),
             "exit_code": int(self.exit_code),
             "reason": self.reason,
+            **({"waited": self.waited} if self.waited is not None else {}),
         }
 
 

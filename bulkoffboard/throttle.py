@@ -99,6 +99,10 @@ class SlidingLog:
     def __repr__(self) -> str:
         return f"SlidingLog({self.limit}, margin_s={self.margin_s}, held={len(self._times)})"
 
+    def times(self) -> tuple[float, ...]:
+        """The grant times held, oldest first."""
+        return tuple(self._times)
+
     def reach_s(self, extra_margin_s: float = 0.0) -> float:
         """How long a grant holds its place: the window plus the margin (widened by an
         observed round trip, at most to a quarter of the window)."""
@@ -176,6 +180,19 @@ class Throttle:
             self._last_grant + self._gap_s,
             *(log.next_free(extra) for log in self._logs),
         )
+
+    @property
+    def paused_until(self) -> float:
+        """Until when a 429 holds every caller (``-inf`` when not paused)."""
+        return self._paused_until
+
+    def recent_grants(self) -> list[float]:
+        """The latest grant times (those of the window log that holds the most)."""
+        return list(max(self._logs, key=lambda log: log.limit.calls).times())
+
+    def margins_s(self) -> list[float]:
+        """Each window's margin now, in the order of :attr:`limits`."""
+        return [log.reach_s(self._max_round_trip_s) - log.limit.period_s for log in self._logs]
 
     def margin_hint_s(self) -> float:
         """The longest recent round trip the margin currently covers (before the caps)."""
