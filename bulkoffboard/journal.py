@@ -219,8 +219,8 @@ class MachineState:
     result: dict[str, Any] | None = None
     #: True when the last attempt has no result after it.
     in_doubt: bool = False
-    #: Wall-clock time of the last attempt (epoch seconds), 0 when none.
-    last_attempt_at: float = 0.0
+    #: The journal time of the last attempt while it has no result (parsed only when needed).
+    last_attempt_at: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,13 +246,13 @@ class Replay:
     #: :func:`invalid_key` of every invalid_id result already journaled.
     invalid_seen: set[str] = field(default_factory=set)
     invalid_results: list[dict[str, Any]] = field(default_factory=list)
-    #: Wall-clock send times (epoch seconds) of the most recent attempts, oldest first.
-    recent_sends: collections.deque[float] = field(
+    #: Journal times of the most recent attempts, oldest first (parsed on demand: parsing
+    #: every time of a million-line journal would double the replay).
+    recent_attempt_times: collections.deque[str] = field(
         default_factory=lambda: collections.deque(maxlen=10_000)
     )
-    #: Seconds from an attempt to its machine's result, for the most recent results: what the
-    #: process before saw of the round trip (seeds the throttle's jitter margin on resume).
-    recent_round_trips: collections.deque[float] = field(
+    #: (attempt time, result time) of the most recent results that followed an attempt.
+    recent_result_pairs: collections.deque[tuple[str, str]] = field(
         default_factory=lambda: collections.deque(maxlen=256)
     )
     sessions: int = 0
@@ -260,6 +260,22 @@ class Replay:
     torn_tail: bool = False
     #: True once a ``plan`` record says every planning decision was journaled.
     planned: bool = False
+
+    @property
+    def recent_sends(self) -> list[float]:
+        """Wall-clock send times (epoch seconds) of the most recent attempts, oldest first."""
+        return [t for t in (_epoch_of(at) for at in self.recent_attempt_times) if t is not None]
+
+    @property
+    def recent_round_trips(self) -> list[float]:
+        """Seconds from an attempt to its machine's result, for the most recent results: what
+        the process before saw of the round trip (seeds the throttle's margin on resume)."""
+        trips: list[float] = []
+        for sent, ended in self.recent_result_pairs:
+            start, end = _epoch_of(sent), _epoch_of(ended)
+            if start is not None and end is not None:
+                trips.append(max(0.0, end - start))
+        return trips
 
     def apply(self, record: dict[str, Any]) -> None:
         """Fold one record written by this process (keeps the replay current)."""
@@ -402,15 +418,17 @@ def _fold(replay: Replay, record: dict[str, Any], path: Path, number: int) -> No
     if kind == "attempt":
         state.attempts = max(state.attempts, int(record.get("attempt", state.attempts + 1)))
         state.in_doubt = True
-        at = _epoch(record, path, number)
-        if at is not None:
-            replay.recent_sends.append(at)
+        at = record.get("at")
+        if isinstance(at, str):
+            replay.recent_attempt_times.append(at)
             state.last_attempt_at = at
     else:
-        if state.in_doubt and state.last_attempt_at:
-            at = _epoch(record, path, number)
-            if at is not None:
-                replay.recent_round_trips.append(max(0.0, at - state.last_attempt_at))
+        sent = state.last_attempt_at
+        if state.in_doubt and sent is not None:
+            at = record.get("at")
+            if isinstance(at, str):
+                replay.recent_result_pairs.append((sent, at))
+        state.last_attempt_at = None
         state.result = record
         state.in_doubt = False
 
@@ -431,14 +449,12 @@ def _fold_status(replay: Replay, record: dict[str, Any]) -> None:
     )
 
 
-def _epoch(record: dict[str, Any], path: Path, number: int) -> float | None:
-    at = record.get("at")
-    if not isinstance(at, str):
-        return None
+def _epoch_of(text: str) -> float | None:
+    """A journal time as epoch seconds; None when it is not one."""
     try:
-        return parse_iso(at).timestamp()
+        return parse_iso(text).timestamp()
     except ValueError:
-        raise JournalError(f"{path}:{number}: bad time {at!r}") from None
+        return None
 
 
 def _read_lines(path: Path) -> Iterator[bytes]:
