@@ -27,6 +27,8 @@ import collections
 import contextlib
 import fcntl
 import os
+import re
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -210,17 +212,56 @@ class Journal:
         self._lock.release()
 
 
-@dataclass(slots=True)
 class MachineState:
-    """What the journal says of one machine so far."""
+    """What the journal says of one machine so far.
 
-    attempts: int = 0
-    #: The last result record, or None.
-    result: dict[str, Any] | None = None
-    #: True when the last attempt has no result after it.
-    in_doubt: bool = False
-    #: The journal time of the last attempt while it has no result (parsed only when needed).
-    last_attempt_at: str | None = None
+    The last result is kept as its raw line and decoded when asked for: a replay of a
+    million-line journal would otherwise hold a million dicts.
+    """
+
+    __slots__ = ("_raw", "_record", "attempts", "in_doubt", "last_attempt_at", "outcome")
+
+    def __init__(self) -> None:
+        self.attempts = 0
+        #: True when the last attempt has no result after it.
+        self.in_doubt = False
+        #: The journal time of the last attempt while it has no result.
+        self.last_attempt_at: str | None = None
+        #: The last result's outcome (None when there is no result yet).
+        self.outcome: str | None = None
+        self._raw: bytes | None = None
+        self._record: dict[str, Any] | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"MachineState(attempts={self.attempts}, outcome={self.outcome!r}, "
+            f"in_doubt={self.in_doubt})"
+        )
+
+    @property
+    def result(self) -> dict[str, Any] | None:
+        """The last result record, or None."""
+        if self._record is not None:
+            return self._record
+        if self._raw is None:
+            return None
+        try:
+            record: dict[str, Any] = orjson.loads(self._raw)
+        except orjson.JSONDecodeError:
+            raise JournalError("a result line of the journal is corrupted") from None
+        return record
+
+    def set_result(self, record: dict[str, Any]) -> None:
+        """Keep a result record."""
+        self._record = record
+        self._raw = None
+        self.outcome = sys.intern(str(record.get("outcome")))
+
+    def set_raw_result(self, raw: bytes, outcome: str) -> None:
+        """Keep a result as its raw journal line (decoded on demand)."""
+        self._record = None
+        self._raw = raw
+        self.outcome = sys.intern(outcome)
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,9 +333,9 @@ class Replay:
     def final_result(self, machine_id: str) -> dict[str, Any] | None:
         """The machine's last result if it is final (not ``failed``) and not in doubt."""
         state = self.machines.get(machine_id)
-        if state is None or state.in_doubt or state.result is None:
+        if state is None or state.in_doubt or state.outcome is None or state.outcome == "failed":
             return None
-        return state.result if state.result.get("outcome") != "failed" else None
+        return state.result
 
     def results(self) -> Iterator[dict[str, Any]]:
         """The last result of every machine (invalid ids included), in first-seen order."""
@@ -352,9 +393,24 @@ def replay_lines(lines: Iterable[bytes], path: Path) -> Replay:
     is ignored; a bad line anywhere else is an error naming its number."""
     replay: Replay | None = None
     pending_error: JournalError | None = None
+    attempt_match = _FAST_ATTEMPT.match
+    result_match = _FAST_RESULT.match
     for number, line in enumerate(lines, start=1):
         if pending_error is not None:
             raise pending_error
+        # Fast paths for the two records a journal is mostly made of, as this tool writes
+        # them (orjson keeps key order); anything else takes the general path below.
+        if replay is not None:
+            fast = attempt_match(line)
+            if fast is not None:
+                _fast_attempt(replay, fast[1].decode(), int(fast[2]), fast[3].decode())
+                replay.lines = number
+                continue
+            fast = result_match(line)
+            if fast is not None and line.endswith(b"}\n"):
+                _fast_result(replay, fast[1].decode(), fast[2].decode(), line)
+                replay.lines = number
+                continue
         if not line.strip():
             continue
         try:
@@ -380,6 +436,39 @@ def replay_lines(lines: Iterable[bytes], path: Path) -> Replay:
             raise pending_error
         raise JournalError(f"{path} is empty: not a bulkoffboard journal")
     return replay
+
+
+_FAST_ATTEMPT = re.compile(
+    rb'\{"type":"attempt","machine_id":"([0-9a-f]{40})","attempt":(\d{1,9}),"at":"([0-9T:.Z+-]{1,40})"\}\n\Z'
+)
+_FAST_RESULT = re.compile(
+    rb'\{"type":"result","machine_id":"([0-9a-f]{40})","outcome":"([a-z_]{1,40})",'
+)
+
+
+def _fast_attempt(replay: Replay, machine_id: str, attempt: int, at: str) -> None:
+    state = replay.machines.get(machine_id)
+    if state is None:
+        state = replay.machines[machine_id] = MachineState()
+    state.attempts = max(state.attempts, attempt)
+    state.in_doubt = True
+    replay.recent_attempt_times.append(at)
+    state.last_attempt_at = at
+
+
+def _fast_result(replay: Replay, machine_id: str, outcome: str, line: bytes) -> None:
+    state = replay.machines.get(machine_id)
+    if state is None:
+        state = replay.machines[machine_id] = MachineState()
+    sent = state.last_attempt_at
+    if state.in_doubt and sent is not None:
+        start = line.rfind(b',"at":"')
+        if start > 0:
+            end = line.find(b'"', start + 7)
+            replay.recent_result_pairs.append((sent, line[start + 7 : end].decode()))
+    state.last_attempt_at = None
+    state.set_raw_result(line, outcome)
+    state.in_doubt = False
 
 
 def _fold(replay: Replay, record: dict[str, Any], path: Path, number: int) -> None:
@@ -429,7 +518,7 @@ def _fold(replay: Replay, record: dict[str, Any], path: Path, number: int) -> No
             if isinstance(at, str):
                 replay.recent_result_pairs.append((sent, at))
         state.last_attempt_at = None
-        state.result = record
+        state.set_result(record)
         state.in_doubt = False
 
 

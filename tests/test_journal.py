@@ -156,3 +156,44 @@ def test_replay_measures_the_round_trips_of_the_process_before(tmp_path: Path) -
     )
     journal.close()
     assert list(replay_file(path).recent_round_trips) == [pytest.approx(0.25)]
+
+
+def test_the_fast_replay_path_agrees_with_the_general_one(tmp_path: Path) -> None:
+    path = tmp_path / "j.jsonl"
+    journal = Journal.create(path, HEADER)
+    for n, machine in enumerate((A, B, C)):
+        journal.append(
+            {
+                "type": "attempt",
+                "machine_id": machine,
+                "attempt": n + 1,
+                "at": f"2026-11-28T00:00:0{n}.000000Z",
+            }
+        )
+        if machine != C:
+            journal.append(
+                {
+                    "type": "result",
+                    "machine_id": machine,
+                    "outcome": "offboarded",
+                    "action_id": "x",
+                    "message": 'a "quoted" ,"at":"trap"',
+                    "attempts": n + 1,
+                    "at": f"2026-11-28T00:00:0{n}.500000Z",
+                }
+            )
+    journal.close()
+    fast = replay_file(path)
+    # The same records with their keys in another order only take the general path.
+    shuffled = tmp_path / "k.jsonl"
+    shuffled.write_bytes(
+        b"".join(orjson.dumps(dict(sorted(r.items(), reverse=True))) + b"\n" for r in lines(path))
+    )
+    slow = replay_file(shuffled)
+    for replay in (fast, slow):
+        assert replay.in_doubt() == [C]
+        assert replay.machines[B].attempts == 2
+        assert replay.final_result(A) is not None
+    assert [r["message"] for r in fast.results()] == [r["message"] for r in slow.results()]
+    assert fast.recent_sends == slow.recent_sends
+    assert fast.recent_round_trips == slow.recent_round_trips == [0.5, 0.5]
