@@ -1034,19 +1034,26 @@ def plan_resume(
             f"the run's source {source_path} changed since the run started; start a new run "
             "with a new journal for the new list"
         )
-    limits = (
-        config.parse_limits(limit_args, {})
-        if limit_args
-        else tuple(Limit(int(c), float(p)) for c, p in header.get("limits") or [])
-        or config.parse_limits(None, file_cfg)
-    )
+    try:
+        limits = (
+            config.parse_limits(limit_args, {})
+            if limit_args
+            else tuple(Limit(int(c), float(p)) for c, p in header.get("limits") or [])
+            or config.parse_limits(None, file_cfg)
+        )
+        workers = _workers(workers_arg, {"workers": int(header.get("workers", 8))})
+    except (TypeError, ValueError):
+        raise JournalError(
+            f"{journal_path}: the header's limits or workers are damaged "
+            f"({header.get('limits')!r}, {header.get('workers')!r})"
+        ) from None
     return Plan(
         journal_path=journal_path,
         source_path=source_path,
         source_format=str(source.get("format", "auto")),
         comment=str(header.get("comment") or config.DEFAULT_COMMENT),
         run_id=str(header.get("run_id")),
-        workers=_workers(workers_arg, {"workers": header.get("workers", 8)}),
+        workers=workers,
         limits=limits,
         header=None,
     )

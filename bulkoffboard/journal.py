@@ -82,8 +82,9 @@ class _Lock:
                 f"journal {self.path.with_suffix('')} is in use by another bulkoffboard "
                 f"process (pid {holder}); wait for it or stop it"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        with contextlib.suppress(OSError):  # the pid is for messages; a full disk must not stop
+            os.ftruncate(fd, 0)  # the journal's own clean error
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
 
     def release(self) -> None:
@@ -92,6 +93,17 @@ class _Lock:
                 os.ftruncate(self._fd, 0)
             os.close(self._fd)  # closing drops the flock
             self._fd = None
+
+
+def _scrub(value: Any) -> Any:
+    """Make every string encodable as UTF-8 (lone surrogates become backslash escapes)."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_scrub(k): _scrub(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrub(v) for v in value]
+    return value
 
 
 def _refuse_existing(fd: int, path: Path) -> None:
@@ -183,7 +195,15 @@ class Journal:
         """Write one record as one line with a single ``write``; fsync when ``sync``."""
         if self._fd < 0:
             raise JournalError(f"journal {self.path} is closed")
-        data = orjson.dumps(record) + b"\n"
+        try:
+            data = orjson.dumps(record) + b"\n"
+        except TypeError:
+            # A string orjson cannot encode (a lone surrogate read from a hostile JSON file).
+            data = orjson.dumps(_scrub(record)) + b"\n"
+        try:
+            size = os.lseek(self._fd, 0, os.SEEK_END)
+        except OSError as exc:
+            raise JournalError(f"cannot write journal {self.path}: {exc.strerror}") from None
         try:
             written = os.write(self._fd, data)
             while written < len(data):  # regular files do not write short, but be exact
@@ -191,6 +211,10 @@ class Journal:
             if sync:
                 os.fsync(self._fd)
         except OSError as exc:
+            # Never leave half a line: a later append (when space comes back) would land after
+            # it and the journal would no longer replay.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, size)
             raise JournalError(f"cannot write journal {self.path}: {exc.strerror}") from None
         self.lines_written += 1
 
@@ -505,7 +529,10 @@ def _fold(replay: Replay, record: dict[str, Any], path: Path, number: int) -> No
     if state is None:
         state = replay.machines[machine_id] = MachineState()
     if kind == "attempt":
-        state.attempts = max(state.attempts, int(record.get("attempt", state.attempts + 1)))
+        attempt = record.get("attempt", state.attempts + 1)
+        if not isinstance(attempt, int) or isinstance(attempt, bool):
+            raise JournalError(f"{path}:{number}: the attempt count {attempt!r} is not a number")
+        state.attempts = max(state.attempts, attempt)
         state.in_doubt = True
         at = record.get("at")
         if isinstance(at, str):

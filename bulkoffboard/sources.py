@@ -246,7 +246,10 @@ class Deduplicator:
 def _open(path: Path) -> io.BufferedReader:
     """Open ``path`` for binary reading; SourceError unless it is a readable regular file."""
     try:
-        fh = path.open("rb")
+        # O_NONBLOCK: opening a FIFO with no writer would otherwise wait forever; the mode
+        # check below refuses anything but a regular file (for which the flag changes nothing).
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        fh = os.fdopen(fd, "rb")
     except FileNotFoundError:
         raise SourceError(f"{path}: no such file") from None
     except IsADirectoryError:
