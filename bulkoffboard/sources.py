@@ -245,11 +245,14 @@ class Deduplicator:
 
 def _open(path: Path) -> io.BufferedReader:
     """Open ``path`` for binary reading; SourceError unless it is a readable regular file."""
+    with contextlib.suppress(OSError):  # open() below names any error properly
+        # Look before opening: opening a FIFO with no writer would wait forever.
+        if stat.S_ISFIFO(path.stat().st_mode):
+            raise SourceError(
+                f"{path}: not a regular file (to read a pipe, feed it on standard input)"
+            )
     try:
-        # O_NONBLOCK: opening a FIFO with no writer would otherwise wait forever; the mode
-        # check below refuses anything but a regular file (for which the flag changes nothing).
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        fh = os.fdopen(fd, "rb")
+        fh = path.open("rb")
     except FileNotFoundError:
         raise SourceError(f"{path}: no such file") from None
     except IsADirectoryError:
