@@ -55,7 +55,7 @@ async def read_with_retries(
             try:
                 return await call()
             finally:
-                throttle.observe(throttle.now() - granted)
+                throttle.observe(throttle.now() - granted, granted)
         except ThrottledError as exc:
             throttle.pause(exc.retry_after_s)
             log.info("read.throttled", what=what, retry_after_s=exc.retry_after_s)

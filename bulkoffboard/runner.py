@@ -376,7 +376,7 @@ class Runner:
                 try:
                     action = await self._client.offboard(machine_id, settings.api_comment)
                 finally:
-                    self._throttle.observe(self._throttle.now() - granted)
+                    self._throttle.observe(self._throttle.now() - granted, granted)
             except ThrottledError as exc:
                 self.summary.throttled += 1
                 throttled += 1

@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -87,7 +88,7 @@ DEFAULT_LIMITS = (Limit(100, 60.0), Limit(1500, 3600.0))
 class SlidingLog:
     """The exact rule for one window: remembers the last ``limit.calls`` grant times."""
 
-    __slots__ = ("_times", "limit", "margin_s")
+    __slots__ = ("_round_trips", "_times", "limit", "margin_s")
 
     def __init__(self, limit: Limit, margin_s: float | None = None) -> None:
         self.limit = limit
@@ -95,6 +96,8 @@ class SlidingLog:
         if self.margin_s <= 0:
             raise ValueError("the margin must be above zero (windows are closed)")
         self._times: collections.deque[float] = collections.deque(maxlen=limit.calls)
+        #: The round trip of each grant held (NaN until its caller reports it).
+        self._round_trips: collections.deque[float] = collections.deque(maxlen=limit.calls)
 
     def __repr__(self) -> str:
         return f"SlidingLog({self.limit}, margin_s={self.margin_s}, held={len(self._times)})"
@@ -110,14 +113,31 @@ class SlidingLog:
         return self.limit.period_s + margin
 
     def next_free(self, extra_margin_s: float = 0.0) -> float:
-        """The earliest clock time at which one more grant keeps the window within limit."""
+        """The earliest clock time at which one more grant keeps the window within limit.
+
+        What must be covered is the lag of the grant about to leave the window (it arrived
+        at most its round trip after its grant): its own round trip when reported, else
+        ``extra_margin_s`` (the longest recent one).
+        """
         if len(self._times) < self.limit.calls:
             return float("-inf")
-        return self._times[0] + self.reach_s(extra_margin_s)
+        own = self._round_trips[0]
+        lag = extra_margin_s if math.isnan(own) else max(own, 0.0)
+        return self._times[0] + self.reach_s(lag)
 
     def record(self, at: float) -> None:
         """Count a grant at clock time ``at`` (times must not go backwards)."""
         self._times.append(at)
+        self._round_trips.append(math.nan)
+
+    def observe(self, granted_at: float, round_trip_s: float) -> None:
+        """Note the round trip of the grant made at ``granted_at`` (searched from the newest)."""
+        for index in range(len(self._times) - 1, -1, -1):
+            if self._times[index] == granted_at:
+                self._round_trips[index] = round_trip_s
+                return
+            if self._times[index] < granted_at:
+                return
 
 
 class Throttle:
@@ -198,10 +218,17 @@ class Throttle:
         """The longest recent round trip the margin currently covers (before the caps)."""
         return self._max_round_trip_s
 
-    def observe(self, round_trip_s: float) -> None:
-        """Report how long a granted call took from grant to response (widens the margin)."""
+    def observe(self, round_trip_s: float, granted_at: float | None = None) -> None:
+        """Report how long a granted call took from grant to response (widens the margin).
+
+        With ``granted_at`` (what :meth:`acquire` returned), the round trip is also kept with
+        that grant, so the window it leaves much later is held for exactly its lag.
+        """
         if round_trip_s < 0:
             return
+        if granted_at is not None:
+            for log in self._logs:
+                log.observe(granted_at, round_trip_s)
         if len(self._round_trips) == self._round_trips.maxlen:
             dropped = self._round_trips[0]
             self._round_trips.append(round_trip_s)

@@ -652,7 +652,7 @@ class Verifier:
                 try:
                     return await send()
                 finally:
-                    self._throttle.observe(self._throttle.now() - granted)
+                    self._throttle.observe(self._throttle.now() - granted, granted)
             except ThrottledError as exc:
                 self.summary.throttled += 1
                 throttled += 1
