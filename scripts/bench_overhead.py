@@ -1,0 +1,542 @@
+#!/usr/bin/env python3
+"""Overhead: peak memory and CPU time of runs over 1,000,000 ids, and journal replay time.
+
+What is measured (every run is ``bulkoffboard.cli.main`` in a child process of its own, so its
+peak RSS (``VmHWM``; see :func:`peak_rss_mib` for why not ``ru_maxrss``) and CPU time are its
+alone; the emulator serves loopback HTTPS from this process with its limits lifted, and the run
+lifts bulkoffboard's with ``--limit 1000000/1``; the default preflight reads the emulator's
+inventory of N machines first):
+
+- ``baseline``: N unique valid ids, N real offboard calls (the fixed cost plus the per-call
+  cost);
+- ``dups``: 1,000,000 lines: the same N ids (real calls) and 1,000,000 - N duplicate lines;
+- ``invalid``: 1,000,000 lines: N ids (real calls) and 1,000,000 - N invalid lines (each one an
+  ``invalid_id`` result in the journal);
+- ``resume``: 1,000,000 unique valid ids, of which 1,000,000 - N were already settled by an
+  earlier session (a synthetic journal of 2 x (1,000,000 - N) + 2 lines with the real record
+  shapes), resumed: N real calls;
+- ``replay``: :func:`bulkoffboard.journal.replay_file` on a synthetic 1,000,000-line journal
+  (header, session, then attempt/result pairs), best of 3, in a child process.
+
+1,000,000 real HTTP calls would take about 40 minutes here (the client and the emulator are both
+Python, about 400 calls a second over loopback TLS), so the real calls are N (default 5,000) and
+the rest of the million is lines that cost no call; the table also gives a projection for
+1,000,000 real calls from the measured parts (labelled as such). Each configuration is then run
+again under ``tracemalloc`` to show where the memory goes at its peak (those runs are slower and
+their figures are not the ones in the table).
+
+The journal lives on tmpfs by default (``--journal-dir``): every result is fsynced, and on this
+VM's disk an fsync costs milliseconds (measured and printed), which would make the 990,000
+invalid-id lines alone take most of an hour.
+
+Reproduce (about 4 minutes)::
+
+    .venv/bin/python scripts/bench_overhead.py
+    .venv/bin/python scripts/bench_overhead.py --calls 20000 --no-tracemalloc
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import os
+import platform
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import tracemalloc
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+SCRIPT = Path(__file__).resolve()
+ROOT = SCRIPT.parent.parent
+#: Journals go to tmpfs by default (see --journal-dir): on purpose, not a shared-temp shortcut.
+TMPFS = Path("/dev/shm")  # noqa: S108
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bulkoffboard import __version__  # noqa: E402
+from bulkoffboard.emulator import Emulator, EmulatorConfig, EmulatorServer, FleetSpec  # noqa: E402
+from bulkoffboard.emulator.app import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET  # noqa: E402
+from bulkoffboard.journal import FORMAT_VERSION, TOOL, Journal, iso, replay_file  # noqa: E402
+
+MILLION = 1_000_000
+#: The tracemalloc runs use inputs this many times smaller (their snapshots are slow).
+TRACED_FRACTION = 10
+LIFTED = ["--limit", "1000000/1"]
+GROUPS = ("offboard", "machineactions", "machines", "advancedqueries")
+
+
+# -- child side ---------------------------------------------------------------------------------
+
+
+class _PeakSampler:
+    """Takes a tracemalloc snapshot each time traced memory grows by half (the last is the peak's
+    neighbourhood), from a thread, while the main thread runs."""
+
+    def __init__(self) -> None:
+        self.snapshot: tracemalloc.Snapshot | None = None
+        self.snapshot_size = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.2):
+            current, _ = tracemalloc.get_traced_memory()
+            if current > max(self.snapshot_size * 1.5, 4 << 20):
+                self.snapshot = tracemalloc.take_snapshot()
+                self.snapshot_size = current
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _top(snapshot: tracemalloc.Snapshot | None, limit: int = 8) -> list[str]:
+    if snapshot is None:
+        return []
+    snapshot = snapshot.filter_traces(
+        [
+            tracemalloc.Filter(False, tracemalloc.__file__),
+            tracemalloc.Filter(False, "<frozen importlib._bootstrap>"),
+            tracemalloc.Filter(False, "<frozen importlib._bootstrap_external>"),
+        ]
+    )
+    out = []
+    for stat in snapshot.statistics("lineno")[:limit]:
+        frame = stat.traceback[0]
+        name = frame.filename
+        for prefix in (str(ROOT) + "/", sys.prefix + "/lib/", sys.base_prefix + "/lib/"):
+            name = name.removeprefix(prefix)
+        out.append(f"{stat.size / 2**20:8.1f} MiB {stat.count:>9} blocks  {name}:{frame.lineno}")
+    return out
+
+
+def peak_rss_mib() -> float:
+    """This process's peak RSS: ``VmHWM``. Not ``ru_maxrss``: on Linux a child's ``ru_maxrss``
+    keeps the high-water mark of the process it was forked from (the parent's pages count until
+    ``exec``), so a child of a big parent reports the parent's size."""
+    with Path("/proc/self/status").open(encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child(args: argparse.Namespace, argv: list[str]) -> int:
+    """Run one measured thing and write its figures as JSON to ``--result``."""
+    sampler: _PeakSampler | None = None
+    if args.traced:
+        tracemalloc.start(1)
+        sampler = _PeakSampler()
+        sampler.start()
+    started = time.perf_counter()
+    extra: dict[str, Any] = {}
+    if args.child == "profile":
+        import cProfile
+        import io
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.runcall(replay_file, Path(argv[0]))
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(8)
+        lines = [ln for ln in text.getvalue().splitlines() if ln.strip()]
+        cut = next(i for i, ln in enumerate(lines) if ln.lstrip().startswith("ncalls"))
+        extra = {"profile": [ln.replace(str(ROOT) + "/", "") for ln in lines[cut : cut + 9]]}
+        code = 0
+    elif args.child == "replay":
+        times = []
+        for _ in range(1 if args.traced else 3):
+            t0 = time.perf_counter()
+            replay = replay_file(Path(argv[0]))
+            times.append(time.perf_counter() - t0)
+            extra = {"lines": replay.lines, "machines": len(replay.machines)}
+            del replay
+        extra["times"] = times
+        code = 0
+    else:
+        from bulkoffboard.cli import main
+
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # --version
+            code = int(exc.code or 0)
+    wall = time.perf_counter() - started
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    result: dict[str, Any] = {
+        "exit": code,
+        "wall_s": wall,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "maxrss_mib": peak_rss_mib(),
+        **extra,
+    }
+    if sampler is not None:
+        sampler.stop()
+        result["traced_peak_mib"] = tracemalloc.get_traced_memory()[1] / 2**20
+        result["top"] = _top(sampler.snapshot)
+    Path(args.result).write_bytes(orjson.dumps(result))
+    return 0
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+
+def fake_id(n: int) -> str:
+    return hashlib.sha1(f"bench-overhead-{n}".encode(), usedforsecurity=False).hexdigest()
+
+
+def write_lines(path: Path, lines: list[str] | Any) -> None:
+    with path.open("w", encoding="utf-8") as out:
+        for line in lines:
+            out.write(line)
+            out.write("\n")
+
+
+def header_for(source: Path, api_url: str, tenant: str) -> dict[str, Any]:
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    return {
+        "type": "header",
+        "format": FORMAT_VERSION,
+        "tool": TOOL,
+        "tool_version": __version__,
+        "run_id": str(uuid.uuid4()),
+        "created_at": iso(datetime.now(UTC) - timedelta(days=1)),
+        "source": {"kind": "file", "path": str(source), "format": "text", "sha256": digest},
+        "comment": "overhead benchmark",
+        "limits": [[1000000, 1.0]],
+        "workers": 8,
+        "api_url": api_url,
+        "tenant_id": tenant,
+        "client_id": DEFAULT_CLIENT_ID,
+    }
+
+
+def write_journal(path: Path, header: dict[str, Any], machine_ids: Any) -> int:
+    """A journal with the real record shapes: header, session, then attempt + result pairs for
+    each machine (offboarded, a day ago). Returns the number of lines."""
+    start = datetime.now(UTC) - timedelta(days=1)
+    lines = 2
+    with path.open("wb") as out:
+        out.write(orjson.dumps(header) + b"\n")
+        session = {
+            "type": "session",
+            "at": iso(start),
+            "pid": 1,
+            "command": "run",
+            "tool_version": __version__,
+        }
+        out.write(orjson.dumps(session) + b"\n")
+        for n, machine_id in enumerate(machine_ids):
+            sent = start + timedelta(milliseconds=n)
+            attempt = {"type": "attempt", "machine_id": machine_id, "attempt": 1, "at": iso(sent)}
+            result = {
+                "type": "result",
+                "machine_id": machine_id,
+                "outcome": "offboarded",
+                "action_id": str(uuid.UUID(int=n + 1, version=4)),
+                "action_status": "Pending",
+                "http_status": None,
+                "error_code": None,
+                "message": None,
+                "attempts": 1,
+                "at": iso(sent + timedelta(milliseconds=250)),
+            }
+            out.write(orjson.dumps(attempt) + b"\n" + orjson.dumps(result) + b"\n")
+            lines += 2
+    return lines
+
+
+def fsync_cost_ms(directory: Path, count: int = 300) -> float:
+    """Mean milliseconds of one journal append with fsync in ``directory``."""
+    path = directory / f"fsync-probe-{os.getpid()}.jsonl"
+    journal = Journal.create(path, {"format": FORMAT_VERSION, "tool": TOOL})
+    record = {"type": "result", "machine_id": fake_id(0), "outcome": "offboarded", "at": "x"}
+    try:
+        t0 = time.perf_counter()
+        for _ in range(count):
+            journal.append(record, sync=True)
+        return (time.perf_counter() - t0) / count * 1000
+    finally:
+        journal.close()
+        path.unlink(missing_ok=True)
+        path.with_name(path.name + ".lock").unlink(missing_ok=True)
+
+
+# -- parent side --------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Measured:
+    name: str
+    what: str
+    lines: int
+    calls: int
+    figures: dict[str, Any]
+    traced: dict[str, Any] | None = None
+
+
+def _base_env() -> dict[str, str]:
+    keep = ("PATH", "HOME", "LANG", "TMPDIR")
+    return {k: v for k, v in os.environ.items() if k in keep}
+
+
+async def _measure(
+    kind: str, argv: list[str], env: dict[str, str], workdir: Path, *, traced: bool
+) -> dict[str, Any]:
+    result = workdir / f"result-{uuid.uuid4().hex}.json"
+    cmd = [str(SCRIPT), "--child", kind, "--result", str(result)]
+    if traced:
+        cmd.append("--traced")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *cmd,
+        "--",
+        *argv,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        cwd=str(ROOT),
+    )
+    out, err = await proc.communicate()
+    if proc.returncode != 0 or not result.exists():
+        raise RuntimeError(f"{kind} {argv[:3]} failed: {out.decode()[-800:]}{err.decode()[-800:]}")
+    figures: dict[str, Any] = orjson.loads(result.read_bytes())
+    result.unlink()
+    return figures
+
+
+async def bench(args: argparse.Namespace) -> int:
+    workdir: Path = args.workdir
+    calls = args.calls
+    load = os.getloadavg()
+    print("bench_overhead: peak memory and CPU time over 1,000,000 ids; journal replay time")
+    print(
+        f"machine: {platform.platform()}, {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}, load average {load[0]:.2f} {load[1]:.2f} "
+        f"{load[2]:.2f} at start"
+    )
+    print(
+        f"settings: {calls} real offboard calls per run (loopback HTTPS, emulator limits lifted, "
+        f"--limit 1000000/1, 8 workers); journal dir {workdir}; each run in its own child "
+        "process (peak RSS = VmHWM, CPU = utime + stime)",
+        flush=True,
+    )
+    disk = Path(tempfile.gettempdir())
+    print(
+        f"fsync cost of one journal append: {fsync_cost_ms(disk):.2f} ms on {disk}, "
+        f"{fsync_cost_ms(workdir):.3f} ms on {workdir}",
+        flush=True,
+    )
+    started = time.perf_counter()
+    limits = dict.fromkeys(GROUPS, ((10**9, 1.0),))
+    emulator = Emulator(
+        EmulatorConfig(limits=limits, fleet=FleetSpec(size=calls, seed=3, os_mix={"Windows10": 1}))
+    )
+    real = list(emulator.machines)
+
+    def inputs(size: int, tag: str) -> dict[str, tuple[Path, list[str] | None]]:
+        """The id files of each configuration for ``size`` lines (and the settled ids)."""
+        made: dict[str, tuple[Path, list[str] | None]] = {}
+
+        def make(name: str, lines: Any, settled: list[str] | None = None) -> None:
+            path = workdir / f"{name}-{tag}.txt"
+            write_lines(path, lines)
+            made[name] = (path, settled)
+
+        make("baseline", real)
+        make("dups", (real[n % calls] for n in range(size)))
+        make("invalid", (*real, *(fake_id(n)[:39] for n in range(size - calls))))
+        settled = [fake_id(n) for n in range(size - calls)]
+        make("resume", (*settled, *real), settled)
+        return made
+
+    full = inputs(MILLION, "full")
+    small = inputs(MILLION // TRACED_FRACTION, "small")
+    replay_journals = {}
+    for tag, size in (("full", MILLION), ("small", MILLION // TRACED_FRACTION)):
+        replay_journals[tag] = workdir / f"replay-{tag}.jsonl"
+        write_journal(
+            replay_journals[tag],
+            header_for(full["baseline"][0], "https://127.0.0.1:1", emulator.config.tenant_id),
+            (fake_id(n) for n in range((size - 2) // 2)),
+        )
+    print(f"data written in {time.perf_counter() - started:.1f} s", flush=True)
+
+    measured: list[Measured] = []
+    async with EmulatorServer(emulator, ca_path=workdir / "ca.pem") as server:
+        env = _base_env() | {
+            "AZURE_TENANT_ID": emulator.config.tenant_id,
+            "AZURE_CLIENT_ID": DEFAULT_CLIENT_ID,
+            "AZURE_CLIENT_SECRET": DEFAULT_CLIENT_SECRET,
+            "AZURE_AUTHORITY_HOST": server.base_url,
+            "BULKOFFBOARD_API_URL": server.base_url,
+            "BULKOFFBOARD_CA_BUNDLE": str(workdir / "ca.pem"),
+        }
+
+        def describe(name: str, size: int) -> str:
+            return {
+                "baseline": f"{calls:,} unique valid ids",
+                "dups": f"{calls:,} unique valid + {size - calls:,} duplicate lines",
+                "invalid": f"{calls:,} unique valid + {size - calls:,} invalid lines",
+                "resume": f"{size:,} unique valid, {size - calls:,} settled in the journal",
+            }[name]
+
+        async def one(
+            name: str, files: dict[str, tuple[Path, list[str] | None]], traced: bool
+        ) -> dict[str, Any]:
+            path, settled = files[name]
+            journal = workdir / f"{name}-{int(traced)}.jsonl"
+            if settled is not None:
+                header = header_for(path, server.base_url, emulator.config.tenant_id)
+                write_journal(journal, header, settled)
+                argv = ["resume", "--journal", str(journal), *LIFTED]
+            else:
+                argv = ["run", "--ids", str(path), "--journal", str(journal), *LIFTED]
+            before = sum(emulator.truth.offboard_posts.values())
+            print(f"  {name}{' (tracemalloc, 1/10 size)' if traced else ''} ...", flush=True)
+            got = await _measure("run", argv, env, workdir, traced=traced)
+            got["posts"] = sum(emulator.truth.offboard_posts.values()) - before
+            journal.unlink(missing_ok=True)
+            # This run's actions must not make the next run's POSTs "already pending".
+            emulator.actions.clear()
+            emulator._actions_by_machine.clear()
+            return got
+
+        for name in ("baseline", "dups", "invalid", "resume"):
+            figures = await one(name, full, traced=False)
+            traced = None if args.no_tracemalloc else await one(name, small, traced=True)
+            measured.append(Measured(name, describe(name, MILLION), 0, calls, figures, traced))
+        print("  start-up, replay ...", flush=True)
+        startup = await _measure("run", ["--version"], env, workdir, traced=False)
+        profile = (
+            await _measure("profile", [str(replay_journals["small"])], env, workdir, traced=False)
+        )["profile"]
+        replay_figures = await _measure(
+            "replay", [str(replay_journals["full"])], env, workdir, traced=False
+        )
+        replay_traced = (
+            await _measure("replay", [str(replay_journals["small"])], env, workdir, traced=True)
+            if not args.no_tracemalloc
+            else None
+        )
+
+    # Parts for the projection, measured in this process.
+    tracemalloc.start()
+    from bulkoffboard.sources import Deduplicator
+
+    dedup = Deduplicator()
+    for n in range(MILLION):
+        dedup.add(fake_id(n))
+    dedup_mib = tracemalloc.get_traced_memory()[0] / 2**20
+    del dedup
+    tracemalloc.stop()
+    tracemalloc.start()
+    grants: deque[float] = deque(maxlen=MILLION)
+    for n in range(MILLION):
+        grants.append(n * 1e-6)
+    log_mib = tracemalloc.get_traced_memory()[0] / 2**20
+    del grants
+    tracemalloc.stop()
+
+    print(
+        f"\n{'run':<10}{'input (1,000,000 lines unless said)':<56}{'calls':>7}"
+        f"{'peak RSS MiB':>13}{'CPU s':>8}{'wall s':>8}{'exit':>5}"
+    )
+    print("-" * 97)
+    for m in measured:
+        f = m.figures
+        print(
+            f"{m.name:<10}{m.what:<56}{f['posts']:>7}{f['maxrss_mib']:>13.1f}"
+            f"{f['cpu_s']:>8.2f}{f['wall_s']:>8.2f}{f['exit']:>5}"
+        )
+    times = replay_figures["times"]
+    replay_what = f"replay_file, {replay_figures['lines']:,} journal lines"
+    print(
+        f"{'replay':<10}{replay_what:<56}{0:>7}{replay_figures['maxrss_mib']:>13.1f}"
+        f"{replay_figures['cpu_s']:>8.2f}{min(times):>8.2f}{0:>5}"
+    )
+    print(
+        f"\nreplay_file on {replay_figures['lines']:,} lines ({replay_figures['machines']:,} "
+        f"machines): best {min(times):.2f} s, median {statistics.median(times):.2f} s of "
+        f"{len(times)} (target < 3 s); peak RSS {replay_figures['maxrss_mib']:.0f} MiB "
+        "(target < 150 MB)"
+    )
+    base = measured[0].figures
+    per_call_cpu = (base["cpu_s"] - startup["cpu_s"]) / calls
+    print(
+        f"start-up alone (bulkoffboard --version in a child): {startup['cpu_s']:.2f} s CPU, "
+        f"{startup['maxrss_mib']:.0f} MiB"
+    )
+    print(
+        "projection for 1,000,000 real calls (NOT measured): the baseline run "
+        f"({base['maxrss_mib']:.0f} MiB) + the dedup set for 1,000,000 ids ({dedup_mib:.0f} MiB, "
+        f"measured alone) + the send-time log that --limit 1000000/1 keeps ({log_mib:.0f} MiB, "
+        f"measured alone) = about {base['maxrss_mib'] + dedup_mib + log_mib:.0f} MiB peak; "
+        f"{per_call_cpu * 1000:.2f} ms CPU per call (baseline less start-up) -> about "
+        f"{per_call_cpu * MILLION / 60:.0f} min of CPU for 1,000,000 calls"
+    )
+    print("\nwhere the replay time goes (cProfile of replay_file, 1/10 size, by own time):")
+    for line in profile:
+        print(f"  {line}")
+    if not args.no_tracemalloc:
+        print(
+            f"\nwhere the memory goes (tracemalloc on inputs {TRACED_FRACTION} times smaller, "
+            "largest snapshot of each run; sizes scale about linearly with the lines):"
+        )
+        for m in measured:
+            t = m.traced or {}
+            print(f"  {m.name}: traced peak {t.get('traced_peak_mib', 0):.1f} MiB")
+            for line in t.get("top", []):
+                print(f"    {line}")
+        if replay_traced is not None:
+            print(f"  replay: traced peak {replay_traced['traced_peak_mib']:.1f} MiB")
+            for line in replay_traced["top"]:
+                print(f"    {line}")
+    print(f"\ntotal benchmark time {time.perf_counter() - started:.0f} s")
+    shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+def make_workdir(journal_dir: str | None, prefix: str) -> Path:
+    """A fresh folder for the run's files: under ``journal_dir``, else tmpfs, else the temp dir."""
+    base = Path(journal_dir) if journal_dir else TMPFS if TMPFS.is_dir() else None
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+
+
+def main(argv: list[str] | None = None) -> int:
+    raw = sys.argv[1:] if argv is None else argv
+    rest: list[str] = []
+    if "--" in raw:
+        cut = raw.index("--")
+        raw, rest = raw[:cut], raw[cut + 1 :]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=5000, help="real calls per run")
+    parser.add_argument("--no-tracemalloc", action="store_true", help="skip the instrumented runs")
+    parser.add_argument("--journal-dir", help="where journals go (default /dev/shm: tmpfs)")
+    parser.add_argument("--child", choices=("run", "replay", "profile"), help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--traced", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(raw)
+    if args.child:
+        return child(args, rest)
+    args.workdir = make_workdir(args.journal_dir, "bench-overhead-")
+    return asyncio.run(bench(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
