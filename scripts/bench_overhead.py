@@ -22,8 +22,9 @@ inventory of N machines first):
 Python, about 400 calls a second over loopback TLS), so the real calls are N (default 5,000) and
 the rest of the million is lines that cost no call; the table also gives a projection for
 1,000,000 real calls from the measured parts (labelled as such). Each configuration is then run
-again under ``tracemalloc`` to show where the memory goes at its peak (those runs are slower and
-their figures are not the ones in the table).
+again on inputs ten times smaller, once under ``tracemalloc`` (a snapshot at the end of the run,
+with the run's dedup sets kept alive until then) and once under ``cProfile``, to show where the
+memory and the CPU time go (those runs are slower; their figures are not the table's).
 
 The journal lives on tmpfs by default (``--journal-dir``): every result is fsynced, and on this
 VM's disk an fsync costs milliseconds (measured and printed), which would make the 990,000
@@ -47,7 +48,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import tracemalloc
 import uuid
@@ -81,29 +81,57 @@ GROUPS = ("offboard", "machineactions", "machines", "advancedqueries")
 # -- child side ---------------------------------------------------------------------------------
 
 
-class _PeakSampler:
-    """Takes a tracemalloc snapshot each time traced memory grows by half (the last is the peak's
-    neighbourhood), from a thread, while the main thread runs."""
+class _EndSnapshot:
+    """Takes one tracemalloc snapshot at the end of the work, while its big structures are
+    still alive: in ``Runner._finish`` (the replay, the journal's state) with every
+    ``Deduplicator`` of the run kept alive until then (the producer's set is otherwise freed a
+    few dozen machines before the end, so this is the peak within a queue's length), or after
+    ``replay_file`` returned."""
 
     def __init__(self) -> None:
         self.snapshot: tracemalloc.Snapshot | None = None
-        self.snapshot_size = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._kept: list[Any] = []
 
-    def start(self) -> None:
-        self._thread.start()
+    def hook_run(self) -> None:
+        from bulkoffboard import runner, sources
 
-    def _loop(self) -> None:
-        while not self._stop.wait(0.2):
-            current, _ = tracemalloc.get_traced_memory()
-            if current > max(self.snapshot_size * 1.5, 4 << 20):
-                self.snapshot = tracemalloc.take_snapshot()
-                self.snapshot_size = current
+        keep = self._kept
+        dedup_init = sources.Deduplicator.__init__
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
+        def init(obj: Any) -> None:
+            dedup_init(obj)
+            keep.append(obj)
+
+        sources.Deduplicator.__init__ = init  # type: ignore[method-assign,assignment]
+        finish = getattr(runner.Runner, "_finish", None)
+        if finish is None:
+            return
+
+        def finishing(obj: Any) -> None:
+            self.take()
+            finish(obj)
+
+        runner.Runner._finish = finishing  # type: ignore[method-assign,assignment]
+
+    def take(self) -> None:
+        self.snapshot = tracemalloc.take_snapshot()
+
+
+def _profile_top(profiler: Any, count: int = 8) -> list[str]:
+    import io
+    import pstats
+
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(count)
+    lines = [ln for ln in text.getvalue().splitlines() if ln.strip()]
+    cut = next(i for i, ln in enumerate(lines) if ln.lstrip().startswith("ncalls"))
+    shown = []
+    for line in lines[cut : cut + count + 1]:
+        clean = line
+        for prefix in (str(ROOT) + "/", sys.prefix + "/lib/", sys.base_prefix + "/lib/"):
+            clean = clean.replace(prefix, "")
+        shown.append(clean)
+    return shown
 
 
 def _top(snapshot: tracemalloc.Snapshot | None, limit: int = 8) -> list[str]:
@@ -138,44 +166,45 @@ def peak_rss_mib() -> float:
 
 
 def child(args: argparse.Namespace, argv: list[str]) -> int:
-    """Run one measured thing and write its figures as JSON to ``--result``."""
-    sampler: _PeakSampler | None = None
-    if args.traced:
+    """Run one measured thing and write its figures as JSON to ``--result``.
+
+    ``--traced``: under tracemalloc, with a snapshot at the end of the work; ``--profiled``:
+    under cProfile. Either makes the run slower: their times are not the table's.
+    """
+    import cProfile
+
+    end = _EndSnapshot() if args.traced else None
+    profiler = cProfile.Profile() if args.profiled else None
+    if end is not None:
         tracemalloc.start(1)
-        sampler = _PeakSampler()
-        sampler.start()
     started = time.perf_counter()
     extra: dict[str, Any] = {}
-    if args.child == "profile":
-        import cProfile
-        import io
-        import pstats
-
-        profiler = cProfile.Profile()
-        profiler.runcall(replay_file, Path(argv[0]))
-        text = io.StringIO()
-        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(8)
-        lines = [ln for ln in text.getvalue().splitlines() if ln.strip()]
-        cut = next(i for i, ln in enumerate(lines) if ln.lstrip().startswith("ncalls"))
-        extra = {"profile": [ln.replace(str(ROOT) + "/", "") for ln in lines[cut : cut + 9]]}
-        code = 0
-    elif args.child == "replay":
+    if profiler is not None:
+        profiler.enable()
+    if args.child == "replay":
         times = []
-        for _ in range(1 if args.traced else 3):
+        for _ in range(1 if args.traced or args.profiled else 3):
             t0 = time.perf_counter()
             replay = replay_file(Path(argv[0]))
             times.append(time.perf_counter() - t0)
             extra = {"lines": replay.lines, "machines": len(replay.machines)}
+            if end is not None:
+                end.take()
             del replay
         extra["times"] = times
         code = 0
     else:
         from bulkoffboard.cli import main
 
+        if end is not None:
+            end.hook_run()
         try:
             code = main(argv)
         except SystemExit as exc:  # --version
             code = int(exc.code or 0)
+    if profiler is not None:
+        profiler.disable()
+        extra["profile"] = _profile_top(profiler)
     wall = time.perf_counter() - started
     usage = resource.getrusage(resource.RUSAGE_SELF)
     result: dict[str, Any] = {
@@ -185,10 +214,9 @@ def child(args: argparse.Namespace, argv: list[str]) -> int:
         "maxrss_mib": peak_rss_mib(),
         **extra,
     }
-    if sampler is not None:
-        sampler.stop()
+    if end is not None:
         result["traced_peak_mib"] = tracemalloc.get_traced_memory()[1] / 2**20
-        result["top"] = _top(sampler.snapshot)
+        result["top"] = _top(end.snapshot)
     Path(args.result).write_bytes(orjson.dumps(result))
     return 0
 
@@ -284,10 +312,9 @@ def fsync_cost_ms(directory: Path, count: int = 300) -> float:
 class Measured:
     name: str
     what: str
-    lines: int
-    calls: int
     figures: dict[str, Any]
     traced: dict[str, Any] | None = None
+    profiled: dict[str, Any] | None = None
 
 
 def _base_env() -> dict[str, str]:
@@ -296,12 +323,13 @@ def _base_env() -> dict[str, str]:
 
 
 async def _measure(
-    kind: str, argv: list[str], env: dict[str, str], workdir: Path, *, traced: bool
+    kind: str, argv: list[str], env: dict[str, str], workdir: Path, *, mode: str = "plain"
 ) -> dict[str, Any]:
+    """Run ``kind`` in a child; ``mode`` plain, traced (tracemalloc) or profiled (cProfile)."""
     result = workdir / f"result-{uuid.uuid4().hex}.json"
     cmd = [str(SCRIPT), "--child", kind, "--result", str(result)]
-    if traced:
-        cmd.append("--traced")
+    if mode != "plain":
+        cmd.append(f"--{mode}")
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         *cmd,
@@ -397,10 +425,10 @@ async def bench(args: argparse.Namespace) -> int:
             }[name]
 
         async def one(
-            name: str, files: dict[str, tuple[Path, list[str] | None]], traced: bool
+            name: str, files: dict[str, tuple[Path, list[str] | None]], mode: str = "plain"
         ) -> dict[str, Any]:
             path, settled = files[name]
-            journal = workdir / f"{name}-{int(traced)}.jsonl"
+            journal = workdir / f"{name}-{mode}.jsonl"
             if settled is not None:
                 header = header_for(path, server.base_url, emulator.config.tenant_id)
                 write_journal(journal, header, settled)
@@ -408,8 +436,9 @@ async def bench(args: argparse.Namespace) -> int:
             else:
                 argv = ["run", "--ids", str(path), "--journal", str(journal), *LIFTED]
             before = sum(emulator.truth.offboard_posts.values())
-            print(f"  {name}{' (tracemalloc, 1/10 size)' if traced else ''} ...", flush=True)
-            got = await _measure("run", argv, env, workdir, traced=traced)
+            shown = "" if mode == "plain" else f" ({mode}, 1/{TRACED_FRACTION} size)"
+            print(f"  {name}{shown} ...", flush=True)
+            got = await _measure("run", argv, env, workdir, mode=mode)
             got["posts"] = sum(emulator.truth.offboard_posts.values()) - before
             journal.unlink(missing_ok=True)
             # This run's actions must not make the next run's POSTs "already pending".
@@ -418,21 +447,22 @@ async def bench(args: argparse.Namespace) -> int:
             return got
 
         for name in ("baseline", "dups", "invalid", "resume"):
-            figures = await one(name, full, traced=False)
-            traced = None if args.no_tracemalloc else await one(name, small, traced=True)
-            measured.append(Measured(name, describe(name, MILLION), 0, calls, figures, traced))
+            figures = await one(name, full)
+            traced = profiled = None
+            if not args.no_tracemalloc:
+                traced = await one(name, small, "traced")
+                profiled = await one(name, small, "profiled")
+            measured.append(Measured(name, describe(name, MILLION), figures, traced, profiled))
         print("  start-up, replay ...", flush=True)
-        startup = await _measure("run", ["--version"], env, workdir, traced=False)
-        profile = (
-            await _measure("profile", [str(replay_journals["small"])], env, workdir, traced=False)
-        )["profile"]
-        replay_figures = await _measure(
-            "replay", [str(replay_journals["full"])], env, workdir, traced=False
-        )
-        replay_traced = (
-            await _measure("replay", [str(replay_journals["small"])], env, workdir, traced=True)
-            if not args.no_tracemalloc
-            else None
+        startup = await _measure("run", ["--version"], env, workdir)
+        replay_figures = await _measure("replay", [str(replay_journals["full"])], env, workdir)
+        small_journal = [str(replay_journals["small"])]
+        replay_traced = replay_profiled = None
+        if not args.no_tracemalloc:
+            replay_traced = await _measure("replay", small_journal, env, workdir, mode="traced")
+            replay_profiled = await _measure("replay", small_journal, env, workdir, mode="profiled")
+        measured.append(
+            Measured("replay", "replay_file", replay_figures, replay_traced, replay_profiled)
         )
 
     # Parts for the projection, measured in this process.
@@ -458,25 +488,27 @@ async def bench(args: argparse.Namespace) -> int:
         f"{'peak RSS MiB':>13}{'CPU s':>8}{'wall s':>8}{'exit':>5}"
     )
     print("-" * 97)
-    for m in measured:
+    runs, replay_m = measured[:-1], measured[-1]
+    for m in runs:
         f = m.figures
         print(
             f"{m.name:<10}{m.what:<56}{f['posts']:>7}{f['maxrss_mib']:>13.1f}"
             f"{f['cpu_s']:>8.2f}{f['wall_s']:>8.2f}{f['exit']:>5}"
         )
-    times = replay_figures["times"]
-    replay_what = f"replay_file, {replay_figures['lines']:,} journal lines"
+    rf = replay_m.figures
+    times = rf["times"]
+    replay_what = f"replay_file, {rf['lines']:,} journal lines"
     print(
-        f"{'replay':<10}{replay_what:<56}{0:>7}{replay_figures['maxrss_mib']:>13.1f}"
-        f"{replay_figures['cpu_s']:>8.2f}{min(times):>8.2f}{0:>5}"
+        f"{'replay':<10}{replay_what:<56}{0:>7}{rf['maxrss_mib']:>13.1f}"
+        f"{rf['cpu_s']:>8.2f}{min(times):>8.2f}{0:>5}"
     )
     print(
-        f"\nreplay_file on {replay_figures['lines']:,} lines ({replay_figures['machines']:,} "
-        f"machines): best {min(times):.2f} s, median {statistics.median(times):.2f} s of "
-        f"{len(times)} (target < 3 s); peak RSS {replay_figures['maxrss_mib']:.0f} MiB "
-        "(target < 150 MB)"
+        f"\nreplay_file on {rf['lines']:,} lines ({rf['machines']:,} machines): best "
+        f"{min(times):.2f} s, median {statistics.median(times):.2f} s of {len(times)} (target "
+        f"< 3 s); peak RSS {rf['maxrss_mib']:.0f} MiB (target < 150 MB); the row's CPU s is "
+        "for the three replays"
     )
-    base = measured[0].figures
+    base = runs[0].figures
     per_call_cpu = (base["cpu_s"] - startup["cpu_s"]) / calls
     print(
         f"start-up alone (bulkoffboard --version in a child): {startup['cpu_s']:.2f} s CPU, "
@@ -490,22 +522,24 @@ async def bench(args: argparse.Namespace) -> int:
         f"{per_call_cpu * 1000:.2f} ms CPU per call (baseline less start-up) -> about "
         f"{per_call_cpu * MILLION / 60:.0f} min of CPU for 1,000,000 calls"
     )
-    print("\nwhere the replay time goes (cProfile of replay_file, 1/10 size, by own time):")
-    for line in profile:
-        print(f"  {line}")
     if not args.no_tracemalloc:
         print(
-            f"\nwhere the memory goes (tracemalloc on inputs {TRACED_FRACTION} times smaller, "
-            "largest snapshot of each run; sizes scale about linearly with the lines):"
+            f"\nwhere the memory goes (tracemalloc, inputs {TRACED_FRACTION} times smaller: sizes "
+            "scale about linearly with the lines; snapshot at the end of the run with its dedup "
+            "sets kept alive, or right after replay_file):"
         )
         for m in measured:
             t = m.traced or {}
             print(f"  {m.name}: traced peak {t.get('traced_peak_mib', 0):.1f} MiB")
             for line in t.get("top", []):
                 print(f"    {line}")
-        if replay_traced is not None:
-            print(f"  replay: traced peak {replay_traced['traced_peak_mib']:.1f} MiB")
-            for line in replay_traced["top"]:
+        print(
+            f"\nwhere the CPU time goes (cProfile, inputs {TRACED_FRACTION} times smaller, by "
+            "own time):"
+        )
+        for m in measured:
+            print(f"  {m.name}:")
+            for line in (m.profiled or {}).get("profile", []):
                 print(f"    {line}")
     print(f"\ntotal benchmark time {time.perf_counter() - started:.0f} s")
     shutil.rmtree(workdir, ignore_errors=True)
@@ -528,9 +562,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=5000, help="real calls per run")
     parser.add_argument("--no-tracemalloc", action="store_true", help="skip the instrumented runs")
     parser.add_argument("--journal-dir", help="where journals go (default /dev/shm: tmpfs)")
-    parser.add_argument("--child", choices=("run", "replay", "profile"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("run", "replay"), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--traced", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--profiled", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(raw)
     if args.child:
         return child(args, rest)

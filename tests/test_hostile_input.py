@@ -48,24 +48,6 @@ V1, V2, V3 = VALID
 LIMITS = ("--limit", "100/0.6", "--limit", "1500/36")
 module_loop = pytest.mark.asyncio(loop_scope="module")
 
-SURROGATE_BUG = (
-    "product bug: a JSON string holding a lone surrogate (\\ud800) is read as an invalid id, "
-    "then orjson refuses to journal its 'input' and the run dies with a TypeError traceback "
-    "(journal.Journal.append / runner._record)"
-)
-
-
-JOURNAL_VALUE_BUG = (
-    "product bug: journal._fold does int(record['attempt']) unguarded, so an attempt record "
-    "whose count is not a number ('one', null) raises ValueError/TypeError: a traceback and "
-    "exit 1 instead of a one-line exit 2 naming the line"
-)
-HEADER_VALUE_BUG = (
-    "product bug: cli.plan_resume builds Limit(int(c), float(p)) and int(workers) from the "
-    "journal header unguarded, so a header with limits [[0, 60]] or 'abc', or workers 'many', "
-    "gives a ValueError traceback and exit 1 instead of a one-line exit 2 naming the journal"
-)
-
 
 @dataclass(frozen=True, slots=True)
 class Expect:
@@ -80,15 +62,14 @@ class Expect:
     invalid: int = 0
     #: invalid: the valid ids in the file, which must get a (non-invalid) result.
     valid: tuple[str, ...] = ()
-    bug: str | None = None
 
 
 def error(says: str, line: int | None = None) -> Expect:
     return Expect("error", line=line, says=says)
 
 
-def invalid(count: int, *valid: str, bug: str | None = None) -> Expect:
-    return Expect("invalid", invalid=count, valid=valid, bug=bug)
+def invalid(count: int, *valid: str) -> Expect:
+    return Expect("invalid", invalid=count, valid=valid)
 
 
 NOTHING = Expect("nothing")
@@ -157,11 +138,11 @@ ID_FILES: dict[str, Expect] = {
     "json_mixed_elements.json": invalid(9, V3),
     "json_nan.json": invalid(3),
     "json_duplicate_keys.json": invalid(1),  # the last "id" wins: "../../offboard"
-    "json_lone_surrogate.json": invalid(2, V2, bug=SURROGATE_BUG),
+    "json_lone_surrogate.json": invalid(2, V2),
     "mde_value_shape.json": invalid(1, V1),
     "jsonl_malformed.jsonl": error("malformed JSON", 3),
     "jsonl_wrong_types.jsonl": invalid(4, V1, V2),
-    "jsonl_lone_surrogate.jsonl": invalid(2, bug=SURROGATE_BUG),
+    "jsonl_lone_surrogate.jsonl": invalid(2),
 }
 
 #: Journals, given to ``resume`` and ``report``.
@@ -171,9 +152,7 @@ JOURNALS: dict[str, Expect] = {
     "journal_format_not_int.jsonl": error("no valid format version", 1),
     "journal_corrupt_middle.jsonl": error("not a JSON line", 4),
     "journal_record_not_object.jsonl": error("must be a JSON object", 3),
-    "journal_attempt_not_a_number.jsonl": Expect(
-        "error", line=3, says="attempt", bug=JOURNAL_VALUE_BUG
-    ),
+    "journal_attempt_not_a_number.jsonl": error("attempt", 3),
     "journal_no_machine_id.jsonl": error("without a machine_id", 3),
     "journal_header_not_first.jsonl": error(NOT_JOURNAL, 1),
     "journal_empty.jsonl": error(NOT_JOURNAL),
@@ -184,8 +163,8 @@ JOURNALS: dict[str, Expect] = {
 CORPUS = {**ID_FILES, **JOURNALS}
 
 
-def params(table: dict[str, Expect]) -> list[Any]:
-    return [name for name, e in sorted(table.items())]
+def params(table: dict[str, Expect]) -> list[str]:
+    return sorted(table)
 
 
 # -- fixtures and helpers --------------------------------------------------------------------------
@@ -437,7 +416,7 @@ async def test_a_fifo_without_a_writer_is_refused_not_waited_on(h: Harness) -> N
     path = h.tmp / "ids.fifo"
     os.mkfifo(path)
     args = ("run", "--ids", str(path), "--journal", str(h.tmp / "journal.jsonl"), *LIMITS)
-    code, _, err = await cli(*args, env=h.env, timeout=5)
+    code, _, err = await cli(*args, env=h.env, timeout=30)
     assert code == 2 and str(path) in err, err
 
 
@@ -468,20 +447,21 @@ async def test_resuming_with_a_hostile_source_leaves_the_journal_byte_identical(
     assert truth.posts == collections.Counter()
 
 
-HEADER_DAMAGE: dict[str, tuple[str, Any, str | None]] = {
-    "limits with zero calls": ("limits", [[0, 60.0]], HEADER_VALUE_BUG),
-    "limits not a list": ("limits", "abc", HEADER_VALUE_BUG),
-    "workers not a number": ("workers", "many", HEADER_VALUE_BUG),
-    "no workers": ("workers", 0, None),
-    "format from the future": ("format", 99, None),
-    "another tool": ("tool", "someone-else", None),
+HEADER_DAMAGE: dict[str, tuple[str, Any]] = {
+    "limits with zero calls": ("limits", [[0, 60.0]]),
+    "limits not a list": ("limits", "abc"),
+    "workers not a number": ("workers", "many"),
+    "no workers": ("workers", 0),
+    "format from the future": ("format", 99),
+    "another tool": ("tool", "someone-else"),
 }
 
 
 @module_loop
 @pytest.mark.parametrize(
     ("key", "value"),
-    [pytest.param(k, v, id=n) for n, (k, v, bug) in HEADER_DAMAGE.items()],
+    list(HEADER_DAMAGE.values()),
+    ids=list(HEADER_DAMAGE),
 )
 async def test_a_damaged_journal_header_is_refused_and_left_as_it_was(
     key: str, value: Any, h: Harness
