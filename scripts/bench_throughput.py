@@ -365,6 +365,13 @@ def _table(case: Case, rows: list[Row]) -> str:
                 if blocks
                 else ""
             )
+            + (
+                f"; attempt-to-result p50 {r.round_trips[0] * 1000:.1f} ms, p99 "
+                f"{r.round_trips[1] * 1000:.1f} ms, max {r.round_trips[2] * 1000:.1f} ms "
+                f"({r.round_trips[3]} over the hour margin floor)"
+                if r.round_trips
+                else ""
+            )
         )
         lines.append(
             f"{r.peer:<13}{r.offboarded:>11}{r.twice:>6}{r.calls:>7}{r.throttled:>6}"
