@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import collections
 import contextlib
-import csv
 import hashlib
 import os
 import signal
@@ -491,6 +490,7 @@ async def _with_client(
             dry.finished = dry.started
             return dry
         _breaker(prepared, targets)
+        _say_if_empty(prepared, targets.request)
         total = prepared.to_offboard
         assert plan.header is not None  # noqa: S101 - a new run has a header
         journal = Journal.create(plan.journal_path, plan.header)
@@ -533,6 +533,19 @@ async def _with_client(
         with contextlib.suppress(JournalError):
             journal.append(end, sync=True)
         journal.close()
+
+
+def _say_if_empty(prepared: targeting.Prepared, request: targeting.Request) -> None:
+    """Warn when a file or stdin held no ids at all (a wrong file, a failed export upstream);
+    a query that matches nothing is a normal quiet night and only says so at info."""
+    seen = prepared.to_offboard + prepared.invalid + prepared.duplicates
+    if seen or sum(prepared.skipped.values()):
+        return
+    if request.kind in ("file", "stdin"):
+        where = "stdin" if request.kind == "stdin" else str(request.path)
+        log.warning("source.empty", source=where, detail="no machine ids in it: nothing to do")
+    else:
+        log.info("targets.none", kind=request.kind, detail="nothing matched: nothing to do")
 
 
 def _journal_plan(journal: Journal, replay: Replay, prepared: targeting.Prepared) -> None:
@@ -695,14 +708,8 @@ def _print_plan(prepared: targeting.Prepared, fmt: str) -> None:
         out.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
         return
     if fmt == "csv":
-        writer = csv.DictWriter(
-            out,
-            fieldnames=["machine_id", "action", "outcome", "reason", "name", "os"],
-            lineterminator="\n",
-        )
-        writer.writeheader()
-        for row in prepared.rows:
-            writer.writerow(row)
+        columns = ("machine_id", "action", "outcome", "reason", "name", "os")
+        report.write_csv(out, columns, prepared.rows)
         return
     out.write("plan (nothing has been sent):\n")
     out.write(f"  {'would offboard':<22}{prepared.to_offboard:>8}\n")
@@ -742,9 +749,9 @@ async def _run_session(  # noqa: PLR0917 - the wiring of one session
         throttle.observe(round_trip)
     if seeded:
         log.info("throttle.seeded", sends=seeded, margin_s=throttle.margin_hint_s())
-    progress = Progress(
-        log_format=plan.log_format, eta=throttle_eta(throttle), log_level=plan.log_level
-    )
+    # Progress is news, not a warning: at info, so a scheduler's log (and its alerting on
+    # warnings) sees it only when asked for with --log-level info.
+    progress = Progress(log_format=plan.log_format, eta=throttle_eta(throttle))
     runner = Runner(
         client=client,
         tokens=tokens,

@@ -106,6 +106,14 @@ def _scrub(value: Any) -> Any:
     return value
 
 
+def _is_whole_record(line: bytes) -> bool:
+    """True when ``line`` is one complete JSON object (a record missing only its newline)."""
+    try:
+        return isinstance(orjson.loads(line), dict)
+    except orjson.JSONDecodeError:
+        return False
+
+
 def _refuse_existing(fd: int, path: Path) -> None:
     if os.fstat(fd).st_size > 0:
         raise JournalError(
@@ -186,6 +194,13 @@ class Journal:
         cut = tail.rfind(b"\n")
         if cut < 0 and tail_start > 0:
             raise JournalError(f"journal {self.path}: the last line is torn and over 64 KiB long")
+        if _is_whole_record(tail[cut + 1 :]):
+            # The record was written whole and only its newline is missing (an editor, or a
+            # copy that stripped it): keep it, since a truncated JSON object never parses.
+            os.pwrite(self._fd, b"\n", size)
+            os.fsync(self._fd)
+            log.warning("journal.newline_restored", journal=str(self.path))
+            return
         keep = tail_start + cut + 1
         os.ftruncate(self._fd, keep)
         os.fsync(self._fd)

@@ -22,11 +22,11 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import orjson
 
@@ -127,11 +127,39 @@ def rows(replay: Replay) -> Iterator[dict[str, Any]]:
 def render_csv(replay: Replay) -> str:
     """CSV with a header row; one row a machine."""
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for row in rows(replay):
-        writer.writerow(row)
+    write_csv(out, CSV_COLUMNS, rows(replay))
     return out.getvalue()
+
+
+def write_csv(out: TextIO, columns: Sequence[str], records: Iterable[dict[str, Any]]) -> None:
+    """A header row, then one row a record, safe to open in a spreadsheet.
+
+    Lines end in ``\n``. The csv module quotes a cell holding ``\n`` but not one holding a lone
+    ``\r``, which readers take as a line break: such a row is written fully quoted.
+    """
+    plain = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
+    quoted = csv.DictWriter(out, fieldnames=columns, lineterminator="\n", quoting=csv.QUOTE_ALL)
+    plain.writeheader()
+    for record in records:
+        row = csv_safe(record)
+        carriage = any(isinstance(value, str) and "\r" in value for value in row.values())
+        (quoted if carriage else plain).writerow(row)
+
+
+#: First characters that make a spreadsheet read a cell as a formula (CSV injection).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with every text cell that a spreadsheet would run as a formula prefixed by ``'``.
+
+    Input values and device names come from files and tenants we do not control; a cell like
+    ``=HYPERLINK(...)`` must reach the operator's spreadsheet as text.
+    """
+    return {
+        key: "'" + value if isinstance(value, str) and value.startswith(_FORMULA_START) else value
+        for key, value in row.items()
+    }
 
 
 def render_table(replay: Replay) -> str:

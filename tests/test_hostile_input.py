@@ -335,6 +335,7 @@ async def test_a_hostile_id_file_is_refused_cleanly(name: str, h: Harness) -> No
         assert ran.code == 0, ran.err
         assert results == []
         assert truth.posts == collections.Counter()
+        assert "source.empty" in ran.err, "an id file with no ids is worth a warning"
     else:
         assert ran.code == 0, (ran.out, ran.err)
         check_invalid_results(results, source, expect, truth.posts)

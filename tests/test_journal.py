@@ -94,6 +94,23 @@ def test_a_torn_last_line_is_ignored_on_replay_and_cut_before_appending(tmp_path
     assert [r["type"] for r in lines(path)] == ["header", "attempt", "result"]
 
 
+def test_a_whole_last_record_missing_only_its_newline_is_kept(tmp_path: Path) -> None:
+    path = tmp_path / "j.jsonl"
+    journal = Journal.create(path, HEADER)
+    journal.append(
+        {"type": "attempt", "machine_id": A, "attempt": 1, "at": "2026-11-28T00:00:01.000000Z"}
+    )
+    journal.append({"type": "result", "machine_id": A, "outcome": "offboarded"})
+    journal.close()
+    path.write_bytes(path.read_bytes().rstrip(b"\n"))
+    assert replay_file(path).final_result(A) is not None
+    journal, replay = Journal.resume(path)
+    assert replay.final_result(A) is not None
+    journal.append({"type": "end"})
+    journal.close()
+    assert [r["type"] for r in lines(path)] == ["header", "attempt", "result", "end"]
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import html.parser
+import io
 import os
 import re
 import stat
@@ -330,3 +332,21 @@ def test_reports_are_pure_functions_of_the_replay(journal_path: Path) -> None:
     assert report.render_markdown(replay, timeline=timeline) == report.render_markdown(
         replay_file(journal_path), timeline=timeline
     )
+
+
+@pytest.mark.parametrize(
+    "cell", ['=HYPERLINK("http://x")', "+1+1", "-2+3", "@SUM(A1)", "\tx", "\rx"]
+)
+def test_csv_cells_a_spreadsheet_would_run_as_formulas_are_prefixed(
+    tmp_path: Path, cell: str
+) -> None:
+    path = tmp_path / "run.jsonl"
+    journal = Journal.create(path, header())
+    journal.append(result(None, "invalid_id", 1, where="ids.txt:1", input=cell, message=cell))
+    journal.append(result(M[0], "offboarded", 2, action_id="a0", message="plain"))
+    journal.close()
+    rendered = list(csv.DictReader(io.StringIO(report.render_csv(replay_file(path)), newline="")))
+    assert rendered[0]["input"] == "'" + cell
+    assert rendered[0]["message"] == "'" + cell
+    assert rendered[1]["message"] == "plain"
+    assert rendered[1]["attempts"] == "1"
