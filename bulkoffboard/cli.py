@@ -494,7 +494,7 @@ async def _with_client(
         total = prepared.to_offboard
         assert plan.header is not None  # noqa: S101 - a new run has a header
         journal = Journal.create(plan.journal_path, plan.header)
-        replay = Replay(header=plan.header)
+        replay = Replay(header=plan.header, path=plan.journal_path)
         try:
             _journal_plan(journal, replay, prepared)
         except BaseException:
@@ -551,8 +551,7 @@ def _say_if_empty(prepared: targeting.Prepared, request: targeting.Request) -> N
 def _journal_plan(journal: Journal, replay: Replay, prepared: targeting.Prepared) -> None:
     """Write every planning decision, then the ``plan`` record that says they are all there."""
     for record in prepared.decisions:
-        journal.append(record)
-        replay.apply(record)
+        replay.apply(record, journal.append(record))
     journal.append({"type": "plan", "at": iso(utc_now()), **prepared.as_json()}, sync=True)
     replay.planned = True
 
@@ -661,7 +660,7 @@ async def _replan(
     inventory, open_actions, done_actions = await targeting.inventory_for(
         client, reads, rules, _read_policy(plan)
     )
-    settled = [m for m, state in replay.machines.items() if state.result is not None]
+    settled = [m for m, state in replay.machines.items() if state.outcome is not None]
     prepared = targeting.plan_pass(
         iter_records(plan.source_path, plan.source_format),
         rules=rules,

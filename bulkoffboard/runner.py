@@ -33,7 +33,7 @@ from bulkoffboard.errors import (
     UnauthorizedError,
     UnsupportedError,
 )
-from bulkoffboard.journal import Journal, Replay, invalid_key, iso, utc_now
+from bulkoffboard.journal import Journal, Replay, iso, utc_now
 from bulkoffboard.models import MachineAction, Outcome
 from bulkoffboard.reads import ReadPolicy, read_with_retries
 from bulkoffboard.sources import Deduplicator, SourceRecord
@@ -201,8 +201,7 @@ class Runner:
 
     async def run(self, records: Iterable[SourceRecord]) -> Summary:
         """Offboard every machine of ``records`` not already settled by the journal."""
-        for result in self._replay.results():
-            self.summary.counts[str(result.get("outcome"))] += 1
+        self.summary.counts.update(self._replay.outcome_counts())
         queue: asyncio.Queue[_Item | None] = asyncio.Queue(self.settings.queue_size)
         workers = [
             asyncio.create_task(self._worker(queue), name=f"worker-{n}")
@@ -276,9 +275,7 @@ class Runner:
             if self._stop.is_set():
                 break
             if record.machine_id is None:
-                key = invalid_key(record.where, record.raw)
-                if key not in replay.invalid_seen:
-                    replay.invalid_seen.add(key)
+                if replay.see_invalid(record.where, record.raw):
                     self._record(
                         None,
                         Outcome.INVALID_ID,
@@ -289,11 +286,11 @@ class Runner:
             machine_id = record.machine_id
             if not seen.add(machine_id):
                 continue  # a duplicate in the source
-            if replay.final_result(machine_id) is not None:
+            if replay.is_final(machine_id):
                 continue  # settled by an earlier session
-            state = replay.machines.get(machine_id)
-            if state is not None and state.result is not None:
-                self.summary.counts[str(state.result.get("outcome"))] -= 1  # tried again now
+            state = replay.state(machine_id)
+            if state is not None and state.outcome is not None:
+                self.summary.counts[state.outcome] -= 1  # tried again now
             await queue.put(
                 _Item(
                     machine_id,
@@ -550,7 +547,10 @@ class Runner:
         }
         if extra:
             record.update(extra)
-        self._journal.append(record, sync=True)
+        # A machine's result is fsynced: it decides whether resume sends again. A rejected
+        # value's is not (a crash that loses it only makes resume record it again), so a
+        # file of a million bad lines does not cost a million fsyncs.
+        self._journal.append(record, sync=machine_id is not None)
         self.summary.counts[outcome.value] += 1
         self.summary.session_counts[outcome.value] += 1
         log.info(

@@ -34,6 +34,7 @@ from typing import Any, BinaryIO, Final
 import orjson
 
 from bulkoffboard.errors import SourceError
+from bulkoffboard.idtable import IdTable
 from bulkoffboard.models import describe_invalid, normalize_machine_id
 
 __all__ = [
@@ -204,16 +205,17 @@ def spool_stdin(dest: Path, stream: BinaryIO) -> int:
 
 
 class Deduplicator:
-    """A memory-lean set of machine ids already seen.
+    """A memory-lean set of machine ids already seen (about 28 bytes an id).
 
-    Ids are stored as their 20 raw bytes rather than as 40-character strings, so upper- and
-    lower-case spellings of one id are the same entry.
+    Ids are stored as their 20 raw bytes in an :class:`~bulkoffboard.idtable.IdTable` rather
+    than as 40-character strings, so upper- and lower-case spellings of one id are the same
+    entry.
     """
 
     __slots__ = ("_seen",)
 
     def __init__(self) -> None:
-        self._seen: set[bytes] = set()
+        self._seen = IdTable()
 
     def add(self, machine_id: str) -> bool:
         """Record ``machine_id``; True when it was not seen before.
@@ -224,10 +226,9 @@ class Deduplicator:
         key = _id_bytes(machine_id)
         if key is None:
             raise ValueError(f"not a 40-hex machine id: {describe_invalid(str(machine_id))}")
-        if key in self._seen:
-            return False
+        size = len(self._seen)
         self._seen.add(key)
-        return True
+        return len(self._seen) > size
 
     def __len__(self) -> int:
         return len(self._seen)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import collections
 import os
+import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 
+from bulkoffboard import journal as journal_module
 from bulkoffboard.errors import JournalError, JournalLockedError
-from bulkoffboard.journal import FORMAT_VERSION, TOOL, Journal, replay_file
+from bulkoffboard.journal import FORMAT_VERSION, TOOL, Journal, Replay, replay_file
 
 HEADER = {"format": FORMAT_VERSION, "tool": TOOL, "run_id": "r1", "source": {}}
 A, B, C = "a" * 40, "b" * 40, "c" * 40
@@ -214,3 +218,106 @@ def test_the_fast_replay_path_agrees_with_the_general_one(tmp_path: Path) -> Non
     assert [r["message"] for r in fast.results()] == [r["message"] for r in slow.results()]
     assert fast.recent_sends == slow.recent_sends
     assert fast.recent_round_trips == slow.recent_round_trips == [0.5, 0.5]
+
+
+def _pairs(path: Path, count: int, *, outcome: str = "offboarded") -> list[str]:
+    """A journal of ``count`` attempt + result pairs written by :class:`Journal`."""
+    journal = Journal.create(path, HEADER)
+    machines = [f"{n:040x}" for n in range(1, count + 1)]
+    for n, machine in enumerate(machines):
+        at = f"2026-11-28T00:{n // 60 % 60:02d}:{n % 60:02d}.000000Z"
+        journal.append({"type": "attempt", "machine_id": machine, "attempt": 1, "at": at})
+        journal.append(
+            {"type": "result", "machine_id": machine, "outcome": outcome, "message": f"m{n}"}
+            | {"at": at.replace(".000000Z", ".250000Z")}
+        )
+    journal.close()
+    return machines
+
+
+def test_results_are_read_back_from_their_lines_not_held(tmp_path: Path) -> None:
+    path = tmp_path / "j.jsonl"
+    machines = _pairs(path, 50)
+    replay = replay_file(path)
+    assert [r["message"] for r in replay.results()] == [f"m{n}" for n in range(50)]
+    assert replay.outcome_counts() == {"offboarded": 50}
+    assert replay.machines[machines[7]].result == replay.final_result(machines[7])
+    replay.close()
+    # The file changed under the replay (it never does: the journal is append-only).
+    path.write_bytes(path.read_bytes().replace(b'"m7"', b"XXXX"))
+    with pytest.raises(JournalError, match="changed since it was read"):
+        replay.final_result(machines[7])
+
+
+def test_records_applied_with_their_offset_read_back_and_without_one_are_held(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "j.jsonl"
+    journal = Journal.create(path, HEADER)
+    replay = Replay(header=HEADER, path=path)
+    first = {"type": "result", "machine_id": A, "outcome": "excluded", "message": "by tag"}
+    replay.apply(first, journal.append(first))
+    second = {"type": "result", "machine_id": B, "outcome": "excluded", "message": "held"}
+    replay.apply(second)
+    rejected = {"type": "result", "machine_id": None, "outcome": "invalid_id", "where": "f:1"}
+    replay.apply(rejected, journal.append(rejected))
+    journal.close()
+    assert list(replay.results()) == [rejected, first, second]
+    assert not replay.see_invalid("f:1", ""), "the rejected value is known"
+    assert replay.see_invalid("f:2", "")
+
+
+def test_a_machine_id_in_either_case_is_one_machine_and_a_non_hex_one_is_refused(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "j.jsonl"
+    journal = Journal.create(path, HEADER)
+    journal.append({"type": "attempt", "machine_id": A.upper(), "attempt": 1, "at": "x"})
+    journal.append({"type": "result", "machine_id": A, "outcome": "offboarded"})
+    journal.close()
+    replay = replay_file(path)
+    assert list(replay.machines) == [A]
+    assert replay.in_doubt() == []
+    with path.open("ab") as handle:
+        handle.write(b'{"type":"attempt","machine_id":"../../etc","attempt":1}\n')
+    with pytest.raises(JournalError, match=r":4: the machine_id of a attempt is not a 40-hex"):
+        replay_file(path)
+
+
+def test_recent_sends_come_from_the_tail_however_far_back_it_must_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "j.jsonl"
+    _pairs(path, 120)
+    whole = replay_file(path)
+    monkeypatch.setattr(journal_module, "_TAIL_BYTES", 256)  # grows x4 until the whole file
+    grown = replay_file(path)
+    assert len(grown.recent_sends) == 120
+    assert grown.recent_sends == whole.recent_sends
+    assert grown.recent_round_trips == whole.recent_round_trips == [0.25] * 120
+    monkeypatch.setattr(Replay, "__init__", _small_recent(Replay.__init__))
+    tail = replay_file(path)  # 10 sends wanted: the first small window is enough
+    assert tail.recent_sends == whole.recent_sends[-10:]
+    assert tail.recent_round_trips[-1] == 0.25
+
+
+def _small_recent(init: Any) -> Any:
+    def small(self: Replay, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        self.recent_attempt_times = collections.deque(maxlen=10)
+
+    return small
+
+
+def test_a_replay_holds_tens_of_bytes_a_machine_not_records(tmp_path: Path) -> None:
+    path = tmp_path / "j.jsonl"
+    _pairs(path, 20_000)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        replay = replay_file(path)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(replay.machines) == 20_000
+    assert held / 20_000 < 120, f"{held / 20_000:.0f} bytes a machine"
