@@ -12,6 +12,7 @@ import asyncio
 import collections
 import contextlib
 import hashlib
+import math
 import os
 import signal
 import ssl
@@ -44,7 +45,16 @@ from bulkoffboard.errors import (
     SourceError,
     UsageError,
 )
-from bulkoffboard.journal import FORMAT_VERSION, TOOL, Journal, Replay, iso, replay_file, utc_now
+from bulkoffboard.journal import (
+    FORMAT_VERSION,
+    TOOL,
+    Journal,
+    Replay,
+    iso,
+    read_header,
+    replay_file,
+    utc_now,
+)
 from bulkoffboard.models import Outcome, normalize_machine_id
 from bulkoffboard.progress import Progress, throttle_eta
 from bulkoffboard.reads import ReadPolicy
@@ -156,6 +166,17 @@ def _add_limits(parser: argparse.ArgumentParser) -> None:
         metavar="CALLS/SECONDS",
         help="an offboard rate limit; repeatable; replaces the default pair 100/60 and "
         "1500/3600 (e.g. --limit 100/0.6 --limit 1500/36 against a time-scaled emulator)",
+    )
+
+
+def _add_margin(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--margin",
+        type=float,
+        metavar="SECONDS",
+        help="the least each window is widened by for network jitter (default: 1%% of the "
+        "window, at most 1 s; the measured round trips widen it further); scale it with "
+        "--limit against a time-scaled emulator",
     )
 
 
@@ -282,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--comment", help="the offboard comment (the run id is appended)")
     run.add_argument("--workers", type=int, metavar="N", help="concurrent workers (default 8)")
     _add_limits(run)
+    _add_margin(run)
     _add_connection(run)
     _add_common(run)
     run.set_defaults(func=cmd_run)
@@ -291,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--workers", type=int, metavar="N", help="override the run's workers")
     _add_summary_json(resume)
     _add_limits(resume)
+    _add_margin(resume)
     _add_connection(resume)
     _add_common(resume)
     resume.set_defaults(func=cmd_resume)
@@ -375,6 +398,8 @@ class Plan:
     wait_poll_s: float = 60.0
     log_format: str = "auto"
     log_level: str = "warning"
+    #: ``--margin``: each window's jitter margin floor (None: the limit's default).
+    margin_s: float | None = None
 
 
 def _file_config(path_arg: str | None) -> dict[str, Any]:
@@ -740,7 +765,7 @@ async def _run_session(  # noqa: PLR0917 - the wiring of one session
     *,
     total: int | None = None,
 ) -> Summary:
-    throttle = Throttle(plan.limits, name="offboard")
+    throttle = Throttle(plan.limits, name="offboard", margin_s=plan.margin_s)
     seeded = throttle.seed(Throttle.wall_to_clock(replay.recent_sends, throttle.now()))
     for round_trip in replay.recent_round_trips:
         # The calls of the process before arrived up to a round trip after their send
@@ -937,6 +962,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     file_cfg = _file_config(args.config)
     conn = _connection(args, file_cfg)
     limits = config.parse_limits(args.limit, file_cfg)
+    margin_s = _margin(args.margin)
     workers = _workers(args.workers, file_cfg)
     comment = (args.comment or file_cfg.get("comment") or config.DEFAULT_COMMENT).strip()
     if not comment:
@@ -964,6 +990,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         workers=workers,
         limits=limits,
         conn=conn,
+        margin_s=margin_s,
     )
     targets = Targets(
         request=request,
@@ -999,6 +1026,7 @@ def new_plan(
     workers: int,
     limits: tuple[Limit, ...],
     conn: config.Connection,
+    margin_s: float | None = None,
 ) -> Plan:
     """A fresh run: a new run id and the journal header that records everything resume needs
     (never a secret)."""
@@ -1017,10 +1045,26 @@ def new_plan(
         "api_url": conn.api_url,
         "tenant_id": conn.tenant_id,
         "client_id": conn.client_id,
+        **({"margin_s": margin_s} if margin_s is not None else {}),
     }
     return Plan(
-        journal_path, source_path, str(source["format"]), comment, run_id, workers, limits, header
+        journal_path,
+        source_path,
+        str(source["format"]),
+        comment,
+        run_id,
+        workers,
+        limits,
+        header,
+        margin_s=margin_s,
     )
+
+
+def _margin(value: float | None) -> float | None:
+    """``--margin``, checked: windows are closed, so it must be above zero."""
+    if value is not None and not (0 < value < math.inf):
+        raise UsageError(f"--margin must be a number of seconds above 0, not {value}")
+    return value
 
 
 def plan_resume(
@@ -1028,9 +1072,10 @@ def plan_resume(
     limit_args: list[str] | None,
     workers_arg: int | None,
     file_cfg: dict[str, Any],
+    margin_arg: float | None = None,
 ) -> Plan:
     """Read what a journal recorded and check its source is unchanged."""
-    header = replay_file(journal_path).header
+    header = read_header(journal_path)
     source = header.get("source") or {}
     source_path = Path(str(source.get("path", "")))
     if not source_path.is_file():
@@ -1048,6 +1093,8 @@ def plan_resume(
             or config.parse_limits(None, file_cfg)
         )
         workers = _workers(workers_arg, {"workers": int(header.get("workers", 8))})
+        recorded = header.get("margin_s")
+        margin_s = _margin(margin_arg if margin_arg is not None else _float_or_none(recorded))
     except (TypeError, ValueError):
         raise JournalError(
             f"{journal_path}: the header's limits or workers are damaged "
@@ -1062,7 +1109,12 @@ def plan_resume(
         workers=workers,
         limits=limits,
         header=None,
+        margin_s=margin_s,
     )
+
+
+def _float_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -1070,7 +1122,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     file_cfg = _file_config(args.config)
     conn = _connection(args, file_cfg)
     journal_path = Path(args.journal).expanduser().absolute()
-    plan = plan_resume(journal_path, args.limit, args.workers, file_cfg)
+    plan = plan_resume(journal_path, args.limit, args.workers, file_cfg, args.margin)
     plan = Plan(
         **{
             **{name: getattr(plan, name) for name in Plan.__dataclass_fields__},

@@ -32,7 +32,7 @@ import hashlib
 import os
 import re
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -619,6 +619,17 @@ def replay_lines(lines: Iterable[bytes], path: Path, *, reserve: int = 0) -> Rep
     their lines and read back from ``path`` when asked for.
     """
     numbered = enumerate(lines, start=1)
+    header, number, position = _header_of(numbered, path)
+    replay = Replay(header, path, reserve=reserve)
+    replay.lines = number
+    return _fold_lines(replay, numbered, path, position)
+
+
+def _header_of(
+    numbered: Iterator[tuple[int, bytes]], path: Path
+) -> tuple[dict[str, Any], int, int]:
+    """The checked header from the first non-blank line, its line number, and the byte
+    position after it."""
     position = 0
     for number, line in numbered:
         position += len(line)
@@ -630,9 +641,7 @@ def replay_lines(lines: Iterable[bytes], path: Path, *, reserve: int = 0) -> Rep
             raise JournalError(
                 f"{path}:{number}: not a JSON line (the journal is corrupted)"
             ) from None
-        replay = Replay(_check_header(first, path), path, reserve=reserve)
-        replay.lines = number
-        return _fold_lines(replay, numbered, path, position)
+        return _check_header(first, path), number, position
     raise JournalError(f"{path} is empty: not a bulkoffboard journal")
 
 
@@ -886,7 +895,7 @@ def _epoch_of(text: str | bytes) -> float | None:
         return None
 
 
-def _read_lines(path: Path) -> Iterator[bytes]:
+def _read_lines(path: Path) -> Generator[bytes, None, None]:
     try:
         handle = path.open("rb")
     except FileNotFoundError:
@@ -899,6 +908,15 @@ def _read_lines(path: Path) -> Iterator[bytes]:
 
 #: Bytes a journal line takes at least, to size the machine table from the file's size.
 _SHORTEST_LINE = 300
+
+
+def read_header(path: Path) -> dict[str, Any]:
+    """The journal's header alone (its first line), checked, without replaying the rest."""
+    lines = _read_lines(path)
+    try:
+        return _header_of(enumerate(lines, start=1), path)[0]
+    finally:
+        lines.close()
 
 
 def replay_file(path: Path) -> Replay:

@@ -8,7 +8,13 @@ window by default). The peer runs as its own process (a second core), so it shar
 loop with the emulator:
 
 - ``bulkoffboard``: ``python -m bulkoffboard run`` with ``--limit 100/<60*scale>`` and
-  ``--limit 1500/<3600*scale>``, 8 workers, its journal on tmpfs (see ``--journal-dir``).
+  ``--limit 1500/<3600*scale>``, 8 workers, its journal on tmpfs (see ``--journal-dir``), and
+  ``--margin <1 s*scale>``: every time constant of its configuration scaled like the windows,
+  so the run is the real one, faster (the measured round trips, which also widen the margin,
+  are not scaled: they stay real loopback times, a hundred times longer relative to the
+  windows than they would be against the real API).
+- ``bulkoffboard-1%``: the same with the default margin floor (1% of a window, at most 1 s),
+  which does not scale: at these scales it is 1% of the hour window instead of 0.03%.
 - ``sequential``: what public scripts do: one POST after the other with a fixed 500 ms sleep
   (scaled by the same time scale); a 429 waits its Retry-After and tries again.
 - ``aiolimiter``: ``AsyncLimiter(100, 60*scale)`` stacked with ``AsyncLimiter(1500,
@@ -20,10 +26,10 @@ The naive peers use plain aiohttp POSTs with a token the emulator issued
 - ``completion``: from the first offboard POST that arrived to the last action created;
 - ``ideal``: :func:`bulkoffboard.throttle.ideal_duration_s` for the scaled limits (the last
   grant of the greedy schedule that respects both windows exactly, from an empty log);
-- ``floor``: the same with each window widened by bulkoffboard's fixed jitter margin
-  (``Limit.default_margin_s``: 1% of the window, at most 1 s). Under a time scale below ~0.28 the
-  cap never applies, so the hour window's margin alone costs 1% here, against 0.03% (1 s an
-  hour) at real scale;
+- ``floor``: the same with each window widened by the peer's fixed jitter margin floor
+  (``--margin`` for ``bulkoffboard``, else ``Limit.default_margin_s``: 1% of the window, at most
+  1 s; under a time scale below ~0.28 that cap never applies, so the hour window's margin alone
+  costs 1% here, against 0.03% (1 s an hour) at real scale);
 - ``429s``: offboard calls the emulator answered 429; ``max/min`` and ``max/hour``: the most
   arrivals it saw in any scaled minute and hour window (limits 100 and 1,500);
 - ``API time``: the completion time unscaled (what it would take against the real API).
@@ -47,6 +53,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -74,7 +81,12 @@ from bulkoffboard.emulator.app import (  # noqa: E402
 )
 from bulkoffboard.throttle import Limit, ideal_duration_s  # noqa: E402
 
-PEERS = ("bulkoffboard", "sequential", "aiolimiter")
+PEERS = ("bulkoffboard", "bulkoffboard-1%", "sequential", "aiolimiter")
+#: The peers that are bulkoffboard itself (the others are the naive scripts).
+OURS = PEERS[:2]
+#: bulkoffboard's jitter margin floor at real scale for the hour window (1 s; 0.6 s for the
+#: minute): ``bulkoffboard`` runs with it scaled like the windows (``--margin``).
+REAL_MARGIN_S = 1.0
 DEFAULT_CASES = ("3000:0.01", "20000:0.002")
 WORKERS = 8
 NAIVE_SLEEP_S = 0.5
@@ -212,7 +224,7 @@ async def _run_peer(
     minute, hour = case.limits
     async with EmulatorServer(emulator, ca_path=ca_path) as server:
         env = _base_env()
-        if peer == "bulkoffboard":
+        if peer in OURS:
             env |= {
                 "AZURE_TENANT_ID": config.tenant_id,
                 "AZURE_CLIENT_ID": DEFAULT_CLIENT_ID,
@@ -239,6 +251,8 @@ async def _run_peer(
                 "--limit",
                 f"{hour.calls}/{hour.period_s:g}",
             ]
+            if peer == "bulkoffboard":
+                argv += ["--margin", repr(REAL_MARGIN_S * case.scale)]
         else:
             token, _ = emulator.issue_token(config.apps[0], config.audience)
             env["BENCH_TOKEN"] = token
@@ -270,7 +284,8 @@ async def _run_peer(
     per_machine = Counter(a.machine_id for a in emulator.actions.values())
     first = min(truth.offboard_arrivals) if truth.offboard_arrivals else 0.0
     last = max((a.created for a in emulator.actions.values()), default=first)
-    widened = [Limit(lim.calls, lim.period_s + lim.default_margin_s) for lim in case.limits]
+    floor_margin = _floor_margin(peer, case)
+    widened = [Limit(lim.calls, lim.period_s + floor_margin(lim)) for lim in case.limits]
     blocks = (case.machines - 1) // hour.calls
     ramp_calls = case.machines - hour.calls * blocks
     created = sorted(a.created for a in emulator.actions.values())
@@ -292,8 +307,8 @@ async def _run_peer(
         ramp_s=ramp_s,
         step_s=(last - first - ramp_s) / blocks if blocks else 0.0,
     )
-    if peer == "bulkoffboard":
-        row.round_trips = _round_trips(run_dir / "journal.jsonl", hour.default_margin_s)
+    if peer in OURS:
+        row.round_trips = _round_trips(run_dir / "journal.jsonl", floor_margin(hour))
     detail = (out.decode(errors="replace") + err.decode(errors="replace")).strip()
     shutil.rmtree(run_dir, ignore_errors=True)
     return row, detail
@@ -317,6 +332,13 @@ def _round_trips(journal: Path, margin_s: float) -> tuple[float, float, float, i
     trips.sort()
     over = sum(1 for t in trips if t > margin_s)
     return trips[len(trips) // 2], trips[int(len(trips) * 0.99)], trips[-1], over
+
+
+def _floor_margin(peer: str, case: Case) -> Callable[[Limit], float]:
+    """The fixed jitter margin ``peer`` widens each window by (for the ``floor`` column)."""
+    if peer == "bulkoffboard":
+        return lambda limit: REAL_MARGIN_S * case.scale
+    return lambda limit: limit.default_margin_s
 
 
 def _header(args: argparse.Namespace, cases: list[Case], workdir: Path) -> str:
@@ -444,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--journal-dir", help="where bulkoffboard's journal goes (default /dev/shm: tmpfs)"
     )
-    parser.add_argument("--peer-child", choices=PEERS[1:], help=argparse.SUPPRESS)
+    parser.add_argument("--peer-child", choices=PEERS[2:], help=argparse.SUPPRESS)
     parser.add_argument("--api", help=argparse.SUPPRESS)
     parser.add_argument("--ca", help=argparse.SUPPRESS)
     parser.add_argument("--ids", help=argparse.SUPPRESS)

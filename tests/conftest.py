@@ -7,6 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+
+# Imported now, while the session is single-threaded: otherwise hypothesis's pytest plugin
+# imports it at the terminal summary of a run that used no hypothesis test, and pytest's
+# assertion rewriting of it then failed with "AST constructor recursion depth mismatch"
+# (a CPython 3.11.7 counter shared by the interpreter; seen only after in-process CLI tests,
+# whose worker threads import modules: the exact race was not pinned down).
+import hypothesis  # noqa: F401
 import pytest
 import structlog
 

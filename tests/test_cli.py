@@ -13,7 +13,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from bulkoffboard.cli import build_parser, main
+from bulkoffboard.cli import build_parser, main, plan_resume
 from bulkoffboard.emulator import EmulatorConfig, EmulatorServer, FleetSpec
 from bulkoffboard.journal import replay_file
 from tests.conftest import StartEmulator, env_for
@@ -160,6 +160,27 @@ def test_plain_http_is_refused_for_a_remote_api(
     assert "plain http" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("margin", ["0", "-1", "nan", "inf"])
+def test_a_margin_that_is_not_a_positive_time_is_a_usage_error(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    margin: str,
+) -> None:
+    monkeypatch.setenv("AZURE_TENANT_ID", "t")
+    monkeypatch.setenv("AZURE_CLIENT_ID", "c")
+    monkeypatch.setenv("AZURE_CLIENT_SECRET", "s")
+    ids = tmp_path / "ids.txt"
+    ids.write_text("a" * 40 + "\n")
+    journal = tmp_path / "j.jsonl"
+    code = main(["run", "--ids", str(ids), "--journal", str(journal), "--margin", margin])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"--margin must be a number of seconds above 0, not {float(margin)}" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not journal.exists()
+
+
 async def test_run_then_report_in_every_format(
     start_emulator: StartEmulator, tmp_path: Path
 ) -> None:
@@ -175,10 +196,15 @@ async def test_run_then_report_in_every_format(
         "--comment",
         "CHG0042 retire",
         *LIMIT_ARGS,
+        "--margin",
+        "0.004",
         env=env,
     )
     assert code == 0, err
     assert "offboarded" in out
+    assert replay_file(journal).header["margin_s"] == 0.004, "resume keeps the run's margin"
+    assert plan_resume(journal, None, None, {}).margin_s == 0.004
+    assert plan_resume(journal, None, None, {}, 0.5).margin_s == 0.5
     code, out, _ = await cli("report", "--journal", str(journal), "--format", "json")
     assert code == 0
     data = orjson.loads(out)
