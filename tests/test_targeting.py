@@ -197,6 +197,13 @@ async def test_exactly_one_full_page_and_an_empty_fleet_end_cleanly(
     machines = await targeting.read_machines(_client(full), Throttle(LIMITS), None)
     assert len(machines) == 10_000
     assert full.emulator.truth.calls["machines"] == 2
+    # Only the fields the plan reads are kept: a whole entity is about 2.7 KB a device.
+    first = machines[0]
+    assert set(first) <= set(targeting.INVENTORY_FIELDS)
+    assert first == {k: v for k, v in full.emulator.machines[first["id"]].items() if k in first}, (
+        "kept fields are kept whole"
+    )
+    assert {"id", "computerDnsName", "osPlatform", "machineTags"} <= set(first)
 
 
 async def test_names_resolve_by_short_name_or_fqdn_and_report_missing_and_ambiguous_ones(
