@@ -718,7 +718,10 @@ def _breaker(prepared: targeting.Prepared, targets: Targets) -> None:
     )
     if targets.interactive:
         _print_plan(prepared, "table")
-        answer = input(f"{counts}. Offboard {prepared.to_offboard} machines? [y/N] ")
+        try:
+            answer = input(f"{counts}. Offboard {prepared.to_offboard} machines? [y/N] ")
+        except EOFError:  # Ctrl-D: no answer is a no
+            answer = ""
         if answer.strip().lower() in ("y", "yes"):
             return
         raise UsageError("not confirmed: nothing was sent")

@@ -391,6 +391,48 @@ async def test_the_breaker_refuses_a_run_over_max_machines_unless_yes(
     assert sum(server.emulator.truth.offboard_posts.values()) == 30
 
 
+@pytest.mark.parametrize("answer", ["y", " YES\n", "n", "", "yess", EOFError])
+async def test_on_a_terminal_the_breaker_shows_the_plan_and_asks(
+    start_emulator: StartEmulator,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    answer: str | type[EOFError],
+) -> None:
+    server = await start_emulator(
+        config(30, fleet=FleetSpec(size=30, seed=1, os_mix={"Windows10": 1.0}))
+    )
+    ids = tmp_path / "ids.txt"
+    ids.write_text("\n".join(server.emulator.machines) + "\n")
+    asked: list[str] = []
+
+    def reply(prompt: str) -> str:
+        asked.append(prompt)
+        if not isinstance(answer, str):
+            raise answer
+        return answer
+
+    monkeypatch.setattr("builtins.input", reply)
+    request = targeting.Request("file", ids)
+    plan = plan_for(server, tmp_path, request)
+    targets = Targets(request=request, max_machines=10, interactive=True)
+    posts = server.emulator.truth.offboard_posts
+    if answer in ("y", " YES\n"):
+        summary = await execute(plan, connection_for(server), targets)
+        assert summary.exit_code == ExitCode.OK
+        assert sum(posts.values()) == 30
+    else:
+        with pytest.raises(UsageError, match="not confirmed: nothing was sent"):
+            await execute(plan, connection_for(server), targets)
+        assert sum(posts.values()) == 0
+        assert not plan.journal_path.exists()
+    assert asked == [
+        "would offboard 30 machines, over the limit of 10 (--max-machines). "
+        "Offboard 30 machines? [y/N] "
+    ]
+    assert "would offboard" in capsys.readouterr().out, "the plan is shown before the question"
+
+
 async def test_a_plan_cut_short_by_a_crash_is_made_again_on_resume(
     start_emulator: StartEmulator, tmp_path: Path
 ) -> None:
