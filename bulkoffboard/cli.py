@@ -19,7 +19,7 @@ import ssl
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Container, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -573,6 +573,20 @@ def _say_if_empty(prepared: targeting.Prepared, request: targeting.Request) -> N
         log.info("targets.none", kind=request.kind, detail="nothing matched: nothing to do")
 
 
+class _Settled(Container[str]):
+    """The machines with a result in a replay, as a container (a list of a million ids
+    would take about 100 MB)."""
+
+    def __init__(self, replay: Replay) -> None:
+        self._replay = replay
+
+    def __contains__(self, machine_id: object) -> bool:
+        if not isinstance(machine_id, str):
+            return False
+        state = self._replay.state(machine_id)
+        return state is not None and state.outcome is not None
+
+
 def _journal_plan(journal: Journal, replay: Replay, prepared: targeting.Prepared) -> None:
     """Write every planning decision, then the ``plan`` record that says they are all there."""
     for record in prepared.decisions:
@@ -685,7 +699,7 @@ async def _replan(
     inventory, open_actions, done_actions = await targeting.inventory_for(
         client, reads, rules, _read_policy(plan)
     )
-    settled = [m for m, state in replay.machines.items() if state.outcome is not None]
+    settled = _Settled(replay)
     prepared = targeting.plan_pass(
         iter_records(plan.source_path, plan.source_format),
         rules=rules,

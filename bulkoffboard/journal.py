@@ -678,6 +678,8 @@ def _fold_lines(
         position += len(line)
         if pending_error is not None:
             raise pending_error
+        hex_id = None
+        code = 0  # an attempt; else the result's outcome code
         if line.startswith(_ATTEMPT_HEAD):
             cut = line.find(_AT_FIELD, number_at)
             digits = line[number_at:cut]
@@ -690,52 +692,46 @@ def _fold_lines(
                 and line.find(b'"', cut + at_width, len(line) - 3) < 0
             ):
                 hex_id = line[attempt_id]
-                entry = recent_entries.get(hex_id, -1)
-                if entry < 0:
-                    try:
-                        entry = table_add(unhexlify(hex_id))
-                    except hex_error:
-                        entry = -1
-                    if entry == len(state):
-                        state.append(0)
+        elif line.startswith(_RESULT_HEAD):
+            outcome = line[outcome_at : line.find(b'"', outcome_at)]
+            code = codes.get(outcome, 0)
+            if not code and _OUTCOME_TEXT.fullmatch(outcome):
+                code = replay._code(outcome)
+            if code and line.startswith(_RESULT_MID, result_mid_at) and line.endswith(b"}\n"):
+                hex_id = line[result_id]
+        if hex_id is not None:
+            entry = recent_entries.pop(hex_id, -1)
+            if entry < 0:
+                try:
+                    entry = table_add(unhexlify(hex_id))
+                except hex_error:
+                    entry = -1
+                if entry == len(state):  # a machine seen first: its state is appended whole
+                    if code:
+                        state.append(code)
                         attempts.append(0)
+                        offsets.append(start)
+                    else:
+                        recent_entries[hex_id] = entry
+                        state.append(_IN_DOUBT)
+                        attempts.append(1 if digits == b"1" else int(digits))
                         offsets.append(_NONE)
-                if entry >= 0:
+                    folded = number
+                    continue
+            if entry >= 0:
+                if code:
+                    state[entry] = code
+                    offsets[entry] = start
+                    if held:
+                        held.pop(entry, None)
+                else:
                     recent_entries[hex_id] = entry
                     attempt = int(digits)
                     state[entry] |= _IN_DOUBT
                     if attempt > attempts[entry]:  # noqa: PLR1730 - max() is a call: slower
                         attempts[entry] = attempt
-                    folded = number
-                    continue
-        elif line.startswith(_RESULT_HEAD):
-            outcome = line[outcome_at : line.find(b'"', outcome_at)]
-            code = codes.get(outcome)
-            if code is None and _OUTCOME_TEXT.fullmatch(outcome):
-                code = replay._code(outcome)
-            if (
-                code is not None
-                and line.startswith(_RESULT_MID, result_mid_at)
-                and line.endswith(b"}\n")
-            ):
-                hex_id = line[result_id]
-                entry = recent_entries.pop(hex_id, -1)
-                if entry < 0:
-                    try:
-                        entry = table_add(unhexlify(hex_id))
-                    except hex_error:
-                        entry = -1
-                    if entry == len(state):
-                        state.append(0)
-                        attempts.append(0)
-                        offsets.append(_NONE)
-                if entry >= 0:
-                    state[entry] = code
-                    offsets[entry] = start
-                    if held:
-                        held.pop(entry, None)
-                    folded = number
-                    continue
+                folded = number
+                continue
         if not line.strip():
             continue
         try:

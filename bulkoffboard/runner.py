@@ -284,10 +284,10 @@ class Runner:
                     )
                 continue
             machine_id = record.machine_id
+            if replay.is_final(machine_id):
+                continue  # settled by an earlier session (so never in ``seen``: kept small)
             if not seen.add(machine_id):
                 continue  # a duplicate in the source
-            if replay.is_final(machine_id):
-                continue  # settled by an earlier session
             state = replay.state(machine_id)
             if state is not None and state.outcome is not None:
                 self.summary.counts[state.outcome] -= 1  # tried again now

@@ -16,7 +16,7 @@ import fnmatch
 import io
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -413,13 +413,12 @@ def plan_pass(
     inventory: Mapping[str, Mapping[str, Any]] | None,
     open_actions: Mapping[str, MachineAction],
     done_actions: Mapping[str, MachineAction],
-    settled: Iterable[str] = (),
+    settled: Container[str] = (),
     keep_rows: bool = False,
 ) -> Prepared:
     """Decide, for every id of the source, offboard or skip (and why). Pure."""
     prepared = Prepared()
     seen = Deduplicator()
-    already = set(settled)
     for record in records:
         if record.machine_id is None:
             prepared.invalid += 1
@@ -436,10 +435,10 @@ def plan_pass(
                 )
             continue
         machine_id = record.machine_id
+        if machine_id in settled:
+            continue  # decided before (a plan made again): not even counted as a duplicate
         if not seen.add(machine_id):
             prepared.duplicates += 1
-            continue
-        if machine_id in already:
             continue
         meta = inventory.get(machine_id) if inventory is not None else None
         decision = _decide(machine_id, meta, rules, open_actions, done_actions)

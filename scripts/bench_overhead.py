@@ -13,10 +13,10 @@ inventory of N machines first):
 - ``invalid``: 1,000,000 lines: N ids (real calls) and 1,000,000 - N invalid lines (each one an
   ``invalid_id`` result in the journal);
 - ``resume``: 1,000,000 unique valid ids, of which 1,000,000 - N were already settled by an
-  earlier session (a synthetic journal of 2 x (1,000,000 - N) + 2 lines with the real record
-  shapes), resumed: N real calls;
+  earlier session (a synthetic journal of 2 x (1,000,000 - N) + 3 lines with the real record
+  shapes: header, session, plan, attempt/result pairs), resumed: N real calls;
 - ``replay``: :func:`bulkoffboard.journal.replay_file` on a synthetic 1,000,000-line journal
-  (header, session, then attempt/result pairs), best of 3, in a child process.
+  (header, session, plan, then attempt/result pairs), best of 3, in a child process.
 
 1,000,000 real HTTP calls would take about 40 minutes here (the client and the emulator are both
 Python, about 400 calls a second over loopback TLS), so the real calls are N (default 5,000) and
@@ -255,10 +255,10 @@ def header_for(source: Path, api_url: str, tenant: str) -> dict[str, Any]:
 
 
 def write_journal(path: Path, header: dict[str, Any], machine_ids: Any) -> int:
-    """A journal with the real record shapes: header, session, then attempt + result pairs for
-    each machine (offboarded, a day ago). Returns the number of lines."""
+    """A journal with the real record shapes: header, session, plan, then attempt + result pairs
+    for each machine (offboarded, a day ago). Returns the number of lines."""
     start = datetime.now(UTC) - timedelta(days=1)
-    lines = 2
+    lines = 3
     with path.open("wb") as out:
         out.write(orjson.dumps(header) + b"\n")
         session = {
@@ -269,6 +269,9 @@ def write_journal(path: Path, header: dict[str, Any], machine_ids: Any) -> int:
             "tool_version": __version__,
         }
         out.write(orjson.dumps(session) + b"\n")
+        # Every journal of `run` has its plan record before the first offboard call.
+        plan = {"type": "plan", "at": iso(start), "would_offboard": 0, "skipped": {}}
+        out.write(orjson.dumps(plan) + b"\n")
         for n, machine_id in enumerate(machine_ids):
             sent = start + timedelta(milliseconds=n)
             attempt = {"type": "attempt", "machine_id": machine_id, "attempt": 1, "at": iso(sent)}
@@ -401,7 +404,7 @@ async def bench(args: argparse.Namespace) -> int:
         write_journal(
             replay_journals[tag],
             header_for(full["baseline"][0], "https://127.0.0.1:1", emulator.config.tenant_id),
-            (fake_id(n) for n in range((size - 2) // 2)),
+            (fake_id(n) for n in range((size - 3) // 2)),
         )
     print(f"data written in {time.perf_counter() - started:.1f} s", flush=True)
 
