@@ -383,14 +383,14 @@ def _table(case: Case, rows: list[Row]) -> str:
             f"(ideal {ideal_duration_s(r.ramp_calls, case.limits):.3f} s)"
             + (
                 f" + {blocks} hour-window steps of {r.step_s:.4f} s (the window is "
-                f"{hour.period_s:g} s; margin floor {hour.default_margin_s:g} s)"
+                f"{hour.period_s:g} s; margin floor {_floor_margin(r.peer, case)(hour):g} s)"
                 if blocks
                 else ""
             )
             + (
                 f"; attempt-to-result p50 {r.round_trips[0] * 1000:.1f} ms, p99 "
                 f"{r.round_trips[1] * 1000:.1f} ms, max {r.round_trips[2] * 1000:.1f} ms "
-                f"({r.round_trips[3]} over the hour margin floor)"
+                f"({r.round_trips[3]} over that floor, so the margin followed them)"
                 if r.round_trips
                 else ""
             )
@@ -405,9 +405,11 @@ def _table(case: Case, rows: list[Row]) -> str:
     real_floor = ideal_duration_s(
         case.machines, [Limit(x.calls, x.period_s + x.default_margin_s) for x in real]
     ) / ideal_duration_s(case.machines, real)
+    scaled = [Limit(x.calls, x.period_s + x.default_margin_s) for x in case.limits]
     lines.append(
-        f"floor/ideal is {rows[0].floor_s / rows[0].ideal_s:.4f} at this scale and "
-        f"{real_floor:.4f} at real scale (the margin floor is 1% of a window, at most 1 s)"
+        "the default margin floor (1% of a window, at most 1 s) alone costs "
+        f"{ideal_duration_s(case.machines, scaled) / rows[0].ideal_s:.4f} x ideal at this scale "
+        f"and {real_floor:.4f} at real scale; the floor column uses each peer's own"
     )
     return "\n".join([*lines, *notes])
 
