@@ -51,7 +51,6 @@ from bulkoffboard.journal import (
     Journal,
     Replay,
     iso,
-    read_header,
     replay_file,
     utc_now,
 )
@@ -1092,7 +1091,9 @@ def plan_resume(
     margin_arg: float | None = None,
 ) -> Plan:
     """Read what a journal recorded and check its source is unchanged."""
-    header = read_header(journal_path)
+    # The whole journal is replayed (and freed) here, not just its header read: a damaged
+    # journal must be the error reported, before its source or the connection is looked at.
+    header = replay_file(journal_path).header
     source = header.get("source") or {}
     source_path = Path(str(source.get("path", "")))
     if not source_path.is_file():

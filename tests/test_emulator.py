@@ -1291,6 +1291,21 @@ async def test_force_429_answers_the_next_calls_with_429_and_that_retry_after(
     assert server.emulator.truth.throttled == {"offboard": 2}
 
 
+async def test_forced_429s_for_one_group_leave_the_other_calls_alone(
+    start_emulator: StartEmulator, http_session: aiohttp.ClientSession
+) -> None:
+    server = await start_emulator(EmulatorConfig(fleet=windows_fleet(1)))
+    api = await api_for(server, http_session)
+    machine_id = next(iter(server.emulator.machines))
+    server.emulator.force_429(1, retry_after_s=3, group="offboard")
+    assert (await api.get("/api/machines")).status == 200
+    reply = await api.offboard(machine_id)
+    assert_mde_error(reply, 429, "TooManyRequests")
+    assert reply.headers["Retry-After"] == "3"
+    assert (await api.offboard(machine_id)).status == 201
+    assert server.emulator.truth.throttled == {"offboard": 1}
+
+
 @pytest.mark.looptime
 async def test_burst_knobs_serve_429_bursts_on_schedule(
     start_emulator: StartEmulator, http_session: aiohttp.ClientSession

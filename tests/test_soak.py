@@ -211,7 +211,7 @@ async def test_a_crash_loop_under_every_fault_at_once_loses_nothing_and_does_not
     start_emulator: StartEmulator, tmp_path: Path
 ) -> None:
     server = await start_emulator(config(150, CHAOS, token_lifetime_s=2.0))
-    server.emulator.force_429(6, retry_after_s=1)
+    server.emulator.force_429(6, retry_after_s=1, group="offboard")
     journal, kills = await crash_loop(server, tmp_path, kills=4, seed=7, max_posts=40)
     assert kills >= 3
     assert_all_final_once_and_within_limits(server, journal)
@@ -228,7 +228,7 @@ async def test_faults_at_once_in_one_process_end_final_with_nothing_done_twice(
 ) -> None:
     """The same faults without kills, in-process: one session must settle every machine."""
     server = await start_emulator(config(120, CHAOS, token_lifetime_s=1.5))
-    server.emulator.force_429(8, retry_after_s=1)
+    server.emulator.force_429(8, retry_after_s=1, group="offboard")
     ids = write_ids(server, tmp_path / "ids.txt")
     conn = connection_for(server)
     plan = new_plan(
@@ -254,7 +254,7 @@ async def test_a_long_crash_loop_across_the_hourly_window_keeps_every_promise(
     by many processes, each seeding its throttle from the journal of the ones before."""
     faults = Faults(error_rate=0.03, abort_before_rate=0.02, abort_after_rate=0.02, jitter_s=0.01)
     server = await start_emulator(config(2000, faults, token_lifetime_s=5.0))
-    server.emulator.force_429(10, retry_after_s=1)
+    server.emulator.force_429(10, retry_after_s=1, group="offboard")
     journal, kills = await crash_loop(
         server, tmp_path, kills=30, seed=2026, max_posts=100, final_timeout_s=300
     )

@@ -269,7 +269,8 @@ class Emulator:
         self.actions: dict[str, _Action] = {}
         self._actions_by_machine: dict[str, list[str]] = collections.defaultdict(list)
         self._windows: dict[tuple[str, str, float], collections.deque[float]] = {}
-        self._forced_429: list[float] = []  # Retry-After values to serve next, in order
+        #: (Retry-After, call group or None for any) to serve next, in order.
+        self._forced_429: list[tuple[float, str | None]] = []
         self._seed_pending(self.config.fleet.pending_fraction)
 
     def __repr__(self) -> str:
@@ -428,9 +429,10 @@ class Emulator:
                 return action
         return None
 
-    def force_429(self, count: int, retry_after_s: float = 1.0) -> None:
-        """Answer the next ``count`` API calls with 429 and this Retry-After."""
-        self._forced_429.extend([retry_after_s] * count)
+    def force_429(self, count: int, retry_after_s: float = 1.0, group: str | None = None) -> None:
+        """Answer the next ``count`` API calls (of ``group`` only, e.g. ``"offboard"``, when
+        given) with 429 and this Retry-After."""
+        self._forced_429.extend([(retry_after_s, group)] * count)
 
     # -- tokens ----------------------------------------------------------------------------------
 
@@ -703,8 +705,12 @@ class Emulator:
             if self.truth.actions_created.get(posted, 0) > 0:
                 self.truth.posts_after_action[posted] += 1
         retry_after = self._count(client_id, count_group, now)
-        if retry_after is None and self._forced_429:
-            retry_after = self._forced_429.pop(0)
+        if retry_after is None:
+            for index, (forced, only) in enumerate(self._forced_429):
+                if only is None or only == group:
+                    retry_after = forced
+                    del self._forced_429[index]
+                    break
         if retry_after is None and faults.burst_every_s > 0 and faults.burst_length_s > 0:
             phase = now % faults.burst_every_s
             if phase < faults.burst_length_s:
