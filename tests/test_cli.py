@@ -111,14 +111,26 @@ def test_missing_connection_settings_exit_2_naming_them(
     assert not (tmp_path / "j.jsonl").exists()
 
 
+MARGIN_ERROR = "--margin must be a number of seconds above 0, not "
+
+
 @pytest.mark.parametrize(
-    ("limit", "culprit"), [("100", "'100'"), ("0/60", "'0/60'"), ("x/y", "'x/y'")]
+    ("setting", "culprit"),
+    [
+        (("--limit", "100"), "'100'"),
+        (("--limit", "0/60"), "'0/60'"),
+        (("--limit", "x/y"), "'x/y'"),
+        (("--margin", "0"), MARGIN_ERROR + "0.0"),
+        (("--margin", "-1"), MARGIN_ERROR + "-1.0"),
+        (("--margin", "nan"), MARGIN_ERROR + "nan"),
+        (("--margin", "inf"), MARGIN_ERROR + "inf"),
+    ],
 )
-def test_a_bad_limit_is_a_usage_error_naming_the_value(
+def test_a_bad_rate_setting_is_a_one_line_usage_error_naming_the_value(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
-    limit: str,
+    setting: tuple[str, str],
     culprit: str,
 ) -> None:
     monkeypatch.setenv("AZURE_TENANT_ID", "t")
@@ -126,11 +138,13 @@ def test_a_bad_limit_is_a_usage_error_naming_the_value(
     monkeypatch.setenv("AZURE_CLIENT_SECRET", "s")
     ids = tmp_path / "ids.txt"
     ids.write_text("a" * 40 + "\n")
-    code = main(
-        ["run", "--ids", str(ids), "--journal", str(tmp_path / "j.jsonl"), "--limit", limit]
-    )
+    journal = tmp_path / "j.jsonl"
+    code = main(["run", "--ids", str(ids), "--journal", str(journal), *setting])
     assert code == 2
-    assert culprit in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert culprit in err
+    assert len(err.strip().splitlines()) == 1
+    assert not journal.exists()
 
 
 def test_a_missing_ids_file_is_a_usage_error_naming_it(
@@ -158,27 +172,6 @@ def test_plain_http_is_refused_for_a_remote_api(
     ids.write_text("a" * 40 + "\n")
     assert main(["run", "--ids", str(ids), "--journal", str(tmp_path / "j.jsonl")]) == 2
     assert "plain http" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("margin", ["0", "-1", "nan", "inf"])
-def test_a_margin_that_is_not_a_positive_time_is_a_usage_error(
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    margin: str,
-) -> None:
-    monkeypatch.setenv("AZURE_TENANT_ID", "t")
-    monkeypatch.setenv("AZURE_CLIENT_ID", "c")
-    monkeypatch.setenv("AZURE_CLIENT_SECRET", "s")
-    ids = tmp_path / "ids.txt"
-    ids.write_text("a" * 40 + "\n")
-    journal = tmp_path / "j.jsonl"
-    code = main(["run", "--ids", str(ids), "--journal", str(journal), "--margin", margin])
-    assert code == 2
-    err = capsys.readouterr().err
-    assert f"--margin must be a number of seconds above 0, not {float(margin)}" in err
-    assert len(err.strip().splitlines()) == 1
-    assert not journal.exists()
 
 
 async def test_run_then_report_in_every_format(
