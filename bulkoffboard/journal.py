@@ -375,6 +375,7 @@ class Replay:
     """
 
     def __init__(self, header: dict[str, Any], path: Path | None = None, *, reserve: int = 0):
+        self._fd = -1  # first: __del__ closes it, even after a failed __init__
         self.header = header
         #: The journal file the result offsets point into.
         self.path = path
@@ -393,7 +394,6 @@ class Replay:
         self._invalid = array.array("q")
         self._invalid_held: list[dict[str, Any]] = []
         self._invalid_counts: collections.Counter[str] = collections.Counter()
-        self._fd = -1
         #: Journal times of the most recent attempts, oldest first (parsed on demand: parsing
         #: every time of a million-line journal would double the replay).
         self.recent_attempt_times: collections.deque[str | bytes] = collections.deque(maxlen=10_000)
