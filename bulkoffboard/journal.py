@@ -32,7 +32,7 @@ import hashlib
 import os
 import re
 import sys
-from collections.abc import Generator, Iterable, Iterator, Mapping
+from collections.abc import Container, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -459,15 +459,24 @@ class Replay:
             return None
         return self._result(self._entry(machine_id))
 
-    def results(self) -> Iterator[dict[str, Any]]:
-        """The last result of every machine (invalid ids included), in first-seen order."""
-        yield from self.invalid_results
-        state = self._state
-        for entry in range(len(state)):
-            if state[entry] & _OUTCOME:
-                record = self._result(entry)
-                if record is not None:
+    def results(self, outcomes: Container[str] | None = None) -> Iterator[dict[str, Any]]:
+        """The last result of every machine (invalid ids included), in first-seen order; only
+        those with one of ``outcomes`` when given (the others are not read from the file)."""
+        if outcomes is None or any(o in outcomes for o in self._invalid_counts):
+            for record in self.invalid_results:
+                if outcomes is None or record.get("outcome") in outcomes:
                     yield record
+        state, names = self._state, self._outcomes
+        wanted = {
+            code
+            for code, name in enumerate(names)
+            if code and (outcomes is None or name in outcomes)
+        }
+        for entry in range(len(state)):
+            if (state[entry] & _OUTCOME) in wanted:
+                found = self._result(entry)
+                if found is not None:
+                    yield found
 
     @property
     def invalid_results(self) -> list[dict[str, Any]]:
@@ -489,12 +498,16 @@ class Replay:
         key_at = self._table.key_at
         return [key_at(e).hex() for e, byte in enumerate(self._state) if byte & _IN_DOUBT]
 
-    def latest_action(self, machine_id: str) -> ActionSeen | None:
+    def latest_action(
+        self, machine_id: str, result: dict[str, Any] | None = None
+    ) -> ActionSeen | None:
         """The newest known status of the machine's action: its last ``status`` record when
         that names the action of its last result (or the result names none), else the status
-        the result itself recorded; None when neither is known."""
-        state = self.state(machine_id)
-        result = state.result if state is not None else None
+        the result itself recorded; None when neither is known. ``result``: the machine's last
+        result when the caller has it already (saves reading it again)."""
+        if result is None:
+            state = self.state(machine_id)
+            result = state.result if state is not None else None
         seen = self.statuses.get(machine_id)
         result_action = result.get("action_id") if result is not None else None
         if seen is not None and (result_action is None or result_action == seen.action_id):

@@ -189,13 +189,15 @@ def plan_targets(replay: Replay, *, now: float, max_age_days: float | None = Non
     skipped: collections.Counter[str] = collections.Counter()
     oldest = None if max_age_days is None else now - max_age_days * _DAY_S
     for machine_id, state in replay.machines.items():
-        result = state.result
-        if result is None or result.get("outcome") not in TRACKED_OUTCOMES:
-            continue
+        if state.outcome not in TRACKED_OUTCOMES:
+            continue  # decided without reading the result line
         if state.in_doubt:
             skipped["in_doubt"] += 1
             continue
-        seen = replay.latest_action(machine_id)
+        result = state.result
+        if result is None:
+            continue
+        seen = replay.latest_action(machine_id, result)
         action_id = result.get("action_id") or (seen.action_id if seen else None)
         if not isinstance(action_id, str) or not action_id:
             skipped["no_action_id"] += 1

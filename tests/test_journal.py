@@ -78,6 +78,17 @@ def test_replay_folds_attempts_and_results_into_per_machine_state(tmp_path: Path
     assert len(replay.recent_sends) == 3
     assert replay.sessions == 1
     assert [r["outcome"] for r in replay.results()] == ["invalid_id", "offboarded", "failed"]
+    assert [r["outcome"] for r in replay.results({"failed", "invalid_id"})] == [
+        "invalid_id",
+        "failed",
+    ]
+    assert list(replay.results({"excluded"})) == []
+    replay.close()
+    # A filtered read does not even read the other results' lines.
+    path.write_bytes(path.read_bytes().replace(b'"offboarded",', b'"offboarded"X'))
+    assert [r["machine_id"] for r in replay.results({"failed"})] == [B]
+    with pytest.raises(JournalError, match="changed since it was read"):
+        list(replay.results())
 
 
 def test_a_torn_last_line_is_ignored_on_replay_and_cut_before_appending(tmp_path: Path) -> None:
