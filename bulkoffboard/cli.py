@@ -1318,7 +1318,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """``bulkoffboard report``."""
-    sys.stdout.write(report.render_file(Path(args.journal).expanduser(), args.format))
+    report.write_file(Path(args.journal).expanduser(), args.format, sys.stdout)
     return 0
 
 

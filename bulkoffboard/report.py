@@ -881,6 +881,15 @@ def render_file(path: Path, fmt: str) -> str:
     return RENDERERS[fmt](replay)
 
 
+def write_file(path: Path, fmt: str, out: TextIO) -> None:
+    """:func:`render_file` written to ``out``; CSV is streamed a row at a time (a report of a
+    million machines is never held whole)."""
+    if fmt == "csv":
+        write_csv(out, CSV_COLUMNS, rows(replay_file(path)))
+    else:
+        out.write(render_file(path, fmt))
+
+
 # -- the summary file --------------------------------------------------------------------------
 
 

@@ -350,3 +350,10 @@ def test_csv_cells_a_spreadsheet_would_run_as_formulas_are_prefixed(
     assert rendered[0]["message"] == "'" + cell
     assert rendered[1]["message"] == "plain"
     assert rendered[1]["attempts"] == "1"
+
+
+@pytest.mark.parametrize("fmt", sorted(report.RENDERERS))
+def test_write_file_writes_what_render_file_renders(journal_path: Path, fmt: str) -> None:
+    out = io.StringIO(newline="")
+    report.write_file(journal_path, fmt, out)
+    assert out.getvalue() == report.render_file(journal_path, fmt)
