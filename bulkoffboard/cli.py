@@ -51,6 +51,7 @@ from bulkoffboard.journal import (
     Journal,
     Replay,
     iso,
+    read_header,
     replay_file,
     utc_now,
 )
@@ -476,11 +477,16 @@ def _hunting_limits(limits: tuple[Limit, ...]) -> tuple[Limit, ...]:
 async def execute(plan: Plan, conn: config.Connection, targets: Targets | None = None) -> Summary:
     """Acquire a token, plan (new runs), open the journal, run, close.
 
-    Authentication fails before the journal is created; planning (source resolution,
-    exclusions, preflight, the breaker) happens before the first offboard call.
+    A new run fails authentication before its journal is created; planning (source
+    resolution, exclusions, preflight, the breaker) happens before the first offboard call.
+    A resume locks, mends and replays its journal first (once: :func:`plan_resume` read only
+    its header), so a damaged or busy journal is reported before any token is asked for.
     """
     tokens = make_tokens(conn)
+    opened: tuple[Journal, Replay] | None = None
     try:
+        if plan.header is None:
+            opened = Journal.resume(plan.journal_path)
         await tokens.token()
         connector = aiohttp.TCPConnector(limit=plan.workers + 4)
         timeout = aiohttp.ClientTimeout(total=90, connect=15, sock_read=60)
@@ -489,9 +495,12 @@ async def execute(plan: Plan, conn: config.Connection, targets: Targets | None =
         ) as session:
             client = MdeClient(session, conn.api_url, tokens, ssl_context=_ssl_for(conn))
             reads = Throttle(plan.limits, name="reads")
-            return await _with_client(plan, client, tokens, reads, targets)
+            handed, opened = opened, None  # _with_client closes it from here on
+            return await _with_client(plan, client, tokens, reads, targets, opened=handed)
     finally:
         tokens.close()
+        if opened is not None:
+            opened[0].close()
 
 
 async def _with_client(
@@ -500,6 +509,8 @@ async def _with_client(
     tokens: TokenProvider,
     reads: Throttle,
     targets: Targets | None,
+    *,
+    opened: tuple[Journal, Replay] | None = None,
 ) -> Summary:
     replay: Replay
     total: int | None = None
@@ -525,7 +536,7 @@ async def _with_client(
             journal.close()
             raise
     else:
-        journal, replay = Journal.resume(plan.journal_path)
+        journal, replay = opened or Journal.resume(plan.journal_path)
         if not replay.planned:
             try:
                 await _replan(plan, client, reads, journal, replay)
@@ -1090,19 +1101,21 @@ def plan_resume(
     file_cfg: dict[str, Any],
     margin_arg: float | None = None,
 ) -> Plan:
-    """Read what a journal recorded and check its source is unchanged."""
-    # The whole journal is replayed (and freed) here, not just its header read: a damaged
-    # journal must be the error reported, before its source or the connection is looked at.
-    header = replay_file(journal_path).header
+    """Read what a journal recorded (its header) and check its source is unchanged."""
+    header = read_header(journal_path)
     source = header.get("source") or {}
     source_path = Path(str(source.get("path", "")))
+    problem = None
     if not source_path.is_file():
-        raise UsageError(f"the run's source {source_path} is gone; resume needs it unchanged")
-    if source.get("sha256") and _sha256(source_path) != source["sha256"]:
-        raise UsageError(
+        problem = f"the run's source {source_path} is gone; resume needs it unchanged"
+    elif source.get("sha256") and _sha256(source_path) != source["sha256"]:
+        problem = (
             f"the run's source {source_path} changed since the run started; start a new run "
             "with a new journal for the new list"
         )
+    if problem is not None:
+        replay_file(journal_path)  # a damaged journal is the error to report first
+        raise UsageError(problem)
     try:
         limits = (
             config.parse_limits(limit_args, {})

@@ -919,6 +919,15 @@ def _read_lines(path: Path) -> Generator[bytes, None, None]:
 _SHORTEST_LINE = 300
 
 
+def read_header(path: Path) -> dict[str, Any]:
+    """The journal's header alone (its first line), checked, without replaying the rest."""
+    lines = _read_lines(path)
+    try:
+        return _header_of(enumerate(lines, start=1), path)[0]
+    finally:
+        lines.close()
+
+
 def replay_file(path: Path) -> Replay:
     """Replay the journal at ``path`` (no lock needed: reading is safe while a run appends)."""
     try:

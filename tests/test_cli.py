@@ -245,6 +245,27 @@ async def test_ids_from_stdin_are_kept_for_resume(
     assert dict(server.emulator.truth.offboard_posts) == posts, "resume sent something again"
 
 
+async def test_resume_reports_a_damaged_journal_before_asking_for_a_token(
+    start_emulator: StartEmulator, tmp_path: Path
+) -> None:
+    server = await start_emulator(emulator_config(20))
+    env = env_for(server)
+    journal = tmp_path / "run.jsonl"
+    ids = ids_file(server, tmp_path / "ids.txt")
+    code, _, err = await cli(
+        "run", "--ids", str(ids), "--journal", str(journal), *LIMIT_ARGS, env=env
+    )
+    assert code == 0, err
+    lines = journal.read_bytes().splitlines(keepends=True)
+    lines[3] = b"{not json\n"
+    journal.write_bytes(b"".join(lines))
+    issued = server.emulator.truth.tokens_issued
+    code, _, err = await cli("resume", "--journal", str(journal), env=env)
+    assert code == 2
+    assert f"{journal}:4: not a JSON line" in err
+    assert server.emulator.truth.tokens_issued == issued, "a token was asked for first"
+
+
 async def test_sigint_stops_cleanly_with_130_and_resume_finishes(
     start_emulator: StartEmulator, tmp_path: Path
 ) -> None:
