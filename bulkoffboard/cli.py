@@ -18,6 +18,7 @@ import signal
 import ssl
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Container, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -60,7 +61,7 @@ from bulkoffboard.progress import Progress, throttle_eta
 from bulkoffboard.reads import ReadPolicy
 from bulkoffboard.runner import ExitCode, Runner, RunSettings, Summary
 from bulkoffboard.sources import FORMATS, detect_format, iter_records, spool_stdin
-from bulkoffboard.throttle import Limit, Throttle
+from bulkoffboard.throttle import ANSWER_TIMEOUT_S, Limit, Throttle
 from bulkoffboard.verify import READ_LIMITS, VerifySettings, VerifySummary, verify
 
 log = structlog.get_logger("bulkoffboard.cli")
@@ -489,7 +490,7 @@ async def execute(plan: Plan, conn: config.Connection, targets: Targets | None =
             opened = Journal.resume(plan.journal_path)
         await tokens.token()
         connector = aiohttp.TCPConnector(limit=plan.workers + 4)
-        timeout = aiohttp.ClientTimeout(total=90, connect=15, sock_read=60)
+        timeout = aiohttp.ClientTimeout(total=ANSWER_TIMEOUT_S, connect=15, sock_read=60)
         async with aiohttp.ClientSession(
             connector=connector, timeout=timeout, trust_env=True
         ) as session:
@@ -793,11 +794,13 @@ async def _run_session(  # noqa: PLR0917 - the wiring of one session
     total: int | None = None,
 ) -> Summary:
     throttle = Throttle(plan.limits, name="offboard", margin_s=plan.margin_s)
-    seeded = throttle.seed(Throttle.wall_to_clock(replay.recent_sends, throttle.now()))
+    # The sends of the processes before, each held for as long after it as its call may have
+    # arrived (up to now for one that was in flight when its process died).
+    sends = replay.recent_send_lags(time.time())
+    times = Throttle.wall_to_clock((at for at, _ in sends), throttle.now())
+    seeded = throttle.seed(list(zip(times, (lag for _, lag in sends), strict=True)))
     for round_trip in replay.recent_round_trips:
-        # The calls of the process before arrived up to a round trip after their send
-        # times: keep that much margin until this process has measured its own.
-        throttle.observe(round_trip)
+        throttle.observe(round_trip)  # the round trips seen before: the ETA's estimate
     if seeded:
         log.info("throttle.seeded", sends=seeded, margin_s=throttle.margin_hint_s())
     # Progress is news, not a warning: at info, so a scheduler's log (and its alerting on
@@ -1253,7 +1256,7 @@ async def _verify(
                 },
                 sync=True,
             )
-            timeout = aiohttp.ClientTimeout(total=90, connect=15, sock_read=60)
+            timeout = aiohttp.ClientTimeout(total=ANSWER_TIMEOUT_S, connect=15, sock_read=60)
             async with aiohttp.ClientSession(timeout=timeout, trust_env=True) as session:
                 client = MdeClient(session, conn.api_url, tokens, ssl_context=_ssl_for(conn))
                 stop = asyncio.Event()

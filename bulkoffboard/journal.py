@@ -29,6 +29,7 @@ import collections
 import contextlib
 import fcntl
 import hashlib
+import math
 import os
 import re
 import sys
@@ -366,6 +367,115 @@ class ActionSeen:
     verified: bool = True
 
 
+class RecentSends:
+    """The latest attempts (sends) of a journal and, for each, the latest moment its call can
+    have arrived.
+
+    A call arrives between its send and its answer. The journal does not keep answers, but
+    the next line about the same machine (a retry or a result) is written after the answer
+    came, and a ``session`` line is written by a process that holds the journal's lock, so
+    the one that sent every still unanswered call before it was gone. A call with neither
+    after it (in doubt at the end of the journal) was sent by a process that is gone now.
+    Times are epoch seconds, in a ring of two float arrays (16 bytes a send).
+    """
+
+    __slots__ = ("_answered", "_count", "_maxlen", "_pending", "_sent")
+
+    def __init__(self, maxlen: int = 10_000) -> None:
+        self._maxlen = maxlen
+        self._sent = array.array("d")
+        #: When each send was answered at the latest (NaN: not yet).
+        self._answered = array.array("d")
+        #: How many sends were ever noted: the sequence number of the next one.
+        self._count = 0
+        #: The sequence number of each machine's last unanswered send.
+        self._pending: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._sent)
+
+    @property
+    def maxlen(self) -> int:
+        """How many of the latest sends are kept."""
+        return self._maxlen
+
+    def clear(self) -> None:
+        """Forget every send."""
+        del self._sent[:], self._answered[:]
+        self._count = 0
+        self._pending.clear()
+
+    def _slot(self, number: int) -> int:
+        """The ring index of send ``number``; -1 when it has been dropped already."""
+        if number < self._count - len(self._sent):
+            return -1
+        return number % self._maxlen
+
+    def _answer(self, number: int, at: float) -> float | None:
+        """Note that send ``number`` was answered by ``at``; returns its send time."""
+        slot = self._slot(number)
+        if slot < 0:
+            return None
+        if math.isnan(self._answered[slot]):
+            self._answered[slot] = at
+        return self._sent[slot]
+
+    def sent(self, machine_id: str, at: str | bytes) -> None:
+        """An attempt line: a send at ``at`` (it also answers the machine's send before)."""
+        moment = _epoch_of(at)
+        if moment is None:
+            return
+        before = self._pending.get(machine_id)
+        if before is not None:
+            self._answer(before, moment)
+        if len(self._sent) < self._maxlen:
+            self._sent.append(moment)
+            self._answered.append(math.nan)
+        else:
+            slot = self._count % self._maxlen
+            self._sent[slot] = moment
+            self._answered[slot] = math.nan
+        self._pending[machine_id] = self._count
+        self._count += 1
+
+    def answered(self, machine_id: str, at: str | bytes) -> tuple[float, float] | None:
+        """A result line at ``at``; (send, answer) times when a send of the machine waited."""
+        number = self._pending.pop(machine_id, None)
+        moment = _epoch_of(at)
+        if number is None or moment is None:
+            return None
+        sent = self._answer(number, moment)
+        return None if sent is None else (sent, moment)
+
+    def session(self, at: str | bytes) -> None:
+        """A session line: every send still unanswered had arrived by ``at`` at the latest."""
+        moment = _epoch_of(at)
+        if moment is None:
+            return
+        for number in self._pending.values():
+            self._answer(number, moment)
+        self._pending.clear()
+
+    def _ordered(self) -> Iterator[int]:
+        """Ring indexes, oldest send first."""
+        size = len(self._sent)
+        first = (self._count - size) % self._maxlen if size else 0
+        return (first + i if first + i < size else first + i - size for i in range(size))
+
+    def times(self) -> list[float]:
+        """The send times, oldest first."""
+        return [self._sent[i] for i in self._ordered()]
+
+    def lags(self, now: float) -> list[tuple[float, float]]:
+        """(send time, lag), oldest first: the lag bounds how long after its send the call
+        arrived (up to ``now`` for a send nothing answered yet)."""
+        out: list[tuple[float, float]] = []
+        for i in self._ordered():
+            sent, answered = self._sent[i], self._answered[i]
+            out.append((sent, max(0.0, (now if math.isnan(answered) else answered) - sent)))
+        return out
+
+
 class Replay:
     """A journal read back: header, per-machine state, recent send times.
 
@@ -385,8 +495,6 @@ class Replay:
         self._offsets = array.array("q")
         #: Results folded with no journal offset (``apply`` without one), by entry.
         self._held: dict[int, dict[str, Any]] = {}
-        #: The time of each in-doubt machine's last attempt, by entry.
-        self._sent_at: dict[int, str | bytes] = {}
         self._outcomes: list[str] = [""]
         self._codes: dict[bytes, int] = {}
         self._invalid_seen = IdTable()
@@ -394,12 +502,11 @@ class Replay:
         self._invalid = array.array("q")
         self._invalid_held: list[dict[str, Any]] = []
         self._invalid_counts: collections.Counter[str] = collections.Counter()
-        #: Journal times of the most recent attempts, oldest first (parsed on demand: parsing
-        #: every time of a million-line journal would double the replay).
-        self.recent_attempt_times: collections.deque[str | bytes] = collections.deque(maxlen=10_000)
+        #: The most recent attempts, with when each was answered at the latest.
+        self.recent = RecentSends()
         #: (attempt time, result time) of the most recent results that followed an attempt.
-        self.recent_result_pairs: collections.deque[tuple[str | bytes, str | bytes]] = (
-            collections.deque(maxlen=256)
+        self.recent_result_pairs: collections.deque[tuple[float, float]] = collections.deque(
+            maxlen=256
         )
         #: The last ``status`` record of each machine (verify's looks at its action).
         self.statuses: dict[str, ActionSeen] = {}
@@ -427,18 +534,19 @@ class Replay:
     @property
     def recent_sends(self) -> list[float]:
         """Wall-clock send times (epoch seconds) of the most recent attempts, oldest first."""
-        return [t for t in map(_epoch_of, self.recent_attempt_times) if t is not None]
+        return self.recent.times()
+
+    def recent_send_lags(self, now: float) -> list[tuple[float, float]]:
+        """(send time, lag) of the most recent attempts, oldest first, in epoch seconds: the
+        lag is how long after its send each call had arrived at the latest (seeds the
+        throttle on resume). See :class:`RecentSends`."""
+        return self.recent.lags(now)
 
     @property
     def recent_round_trips(self) -> list[float]:
         """Seconds from an attempt to its machine's result, for the most recent results: what
-        the process before saw of the round trip (seeds the throttle's margin on resume)."""
-        trips: list[float] = []
-        for sent, ended in self.recent_result_pairs:
-            start, end = _epoch_of(sent), _epoch_of(ended)
-            if start is not None and end is not None:
-                trips.append(max(0.0, end - start))
-        return trips
+        the process before saw of the round trip (the throttle's ETA estimate on resume)."""
+        return [max(0.0, ended - sent) for sent, ended in self.recent_result_pairs]
 
     def state(self, machine_id: str) -> MachineState | None:
         """The machine's state, or None when the journal never named it."""
@@ -774,7 +882,7 @@ def _scan_recent(replay: Replay, path: Path, end: int) -> None:
     """Fill the replay's recent send times and round trips from the journal's last lines
     (up to byte ``end``): only the newest 10,000 sends matter, so the main pass skips them.
     The tail is read again, growing until it holds enough attempts or is the whole file."""
-    wanted = replay.recent_attempt_times.maxlen or 0
+    wanted = replay.recent.maxlen
     window = _TAIL_BYTES
     try:
         with path.open("rb") as handle:
@@ -790,9 +898,8 @@ def _scan_recent(replay: Replay, path: Path, end: int) -> None:
                 window *= 4
     except OSError as exc:
         raise JournalError(f"cannot read journal {path}: {exc.strerror}") from None
-    sent: dict[str, str] = {}
-    times, pairs = replay.recent_attempt_times, replay.recent_result_pairs
-    times.clear()
+    recent, pairs = replay.recent, replay.recent_result_pairs
+    recent.clear()
     pairs.clear()
     for line in lines:
         try:
@@ -801,15 +908,21 @@ def _scan_recent(replay: Replay, path: Path, end: int) -> None:
             continue  # blank, or a line the main pass has judged already
         if not isinstance(record, dict):
             continue
-        machine_id, at = record.get("machine_id"), record.get("at")
-        if not isinstance(machine_id, str) or not isinstance(at, str):
+        kind, at = record.get("type"), record.get("at")
+        if not isinstance(at, str):
             continue
-        kind = record.get("type")
+        if kind == "session":
+            recent.session(at)
+            continue
+        machine_id = record.get("machine_id")
+        if not isinstance(machine_id, str):
+            continue
         if kind == "attempt":
-            times.append(at)
-            sent[machine_id] = at
-        elif kind == "result" and machine_id in sent:
-            pairs.append((sent.pop(machine_id), at))
+            recent.sent(machine_id, at)
+        elif kind == "result":
+            pair = recent.answered(machine_id, at)
+            if pair is not None:
+                pairs.append(pair)
 
 
 def _fold(
@@ -826,6 +939,8 @@ def _fold(
     kind = record.get("type")
     if kind == "session":
         replay.sessions += 1
+        if recency and isinstance(record.get("at"), str):
+            replay.recent.session(record["at"])
         return
     if kind == "plan":
         replay.planned = True
@@ -859,14 +974,14 @@ def _fold(
         replay._state[entry] |= _IN_DOUBT
         at = record.get("at")
         if recency and isinstance(at, str):
-            replay.recent_attempt_times.append(at)
-            replay._sent_at[entry] = at
+            replay.recent.sent(machine_id, at)
         return
     if recency:
-        sent = replay._sent_at.pop(entry, None)
         at = record.get("at")
-        if sent is not None and replay._state[entry] & _IN_DOUBT and isinstance(at, str):
-            replay.recent_result_pairs.append((sent, at))
+        if isinstance(at, str):
+            pair = replay.recent.answered(machine_id, at)
+            if pair is not None:
+                replay.recent_result_pairs.append(pair)
     replay._state[entry] = replay._code(str(record.get("outcome")).encode("utf-8", "replace"))
     if offset is None:
         replay._offsets[entry] = _HELD

@@ -50,12 +50,9 @@ async def read_with_retries(
     failures = 0
     refreshed = False
     while True:
-        granted = await throttle.acquire()
         try:
-            try:
+            async with throttle.slot():
                 return await call()
-            finally:
-                throttle.observe(throttle.now() - granted, granted)
         except ThrottledError as exc:
             throttle.pause(exc.retry_after_s)
             log.info("read.throttled", what=what, retry_after_s=exc.retry_after_s)

@@ -330,8 +330,8 @@ def timeline_from_file(path: Path) -> Timeline:
 def timeline_from_replay(replay: Replay) -> Timeline:
     """The calls a replay kept (its latest 10,000 sends): ``partial`` when it may have
     dropped older ones. :func:`timeline_from_file` reads them all."""
-    kept = replay.recent_attempt_times
-    partial = kept.maxlen is not None and len(kept) >= kept.maxlen
+    kept = replay.recent
+    partial = len(kept) >= kept.maxlen
     return Timeline(_minutes(replay.recent_sends), partial=partial)
 
 

@@ -358,22 +358,21 @@ class Runner:
         while True:
             if self._stop.is_set() and (transient or throttled):
                 return  # mid-retry: leave it in doubt for the next run to reconcile
-            granted = await self._throttle.acquire()
-            item.attempts += 1
-            self._journal.append(
-                {
-                    "type": "attempt",
-                    "machine_id": machine_id,
-                    "attempt": item.attempts,
-                    "at": iso(utc_now()),
-                }
-            )
-            self.summary.calls += 1
             try:
-                try:
+                # The grant is answered on the way out, whatever happens: a journal error or a
+                # cancellation too, or its place in the windows stays held.
+                async with self._throttle.slot():
+                    item.attempts += 1
+                    self._journal.append(
+                        {
+                            "type": "attempt",
+                            "machine_id": machine_id,
+                            "attempt": item.attempts,
+                            "at": iso(utc_now()),
+                        }
+                    )
+                    self.summary.calls += 1
                     action = await self._client.offboard(machine_id, settings.api_comment)
-                finally:
-                    self._throttle.observe(self._throttle.now() - granted, granted)
             except ThrottledError as exc:
                 self.summary.throttled += 1
                 throttled += 1

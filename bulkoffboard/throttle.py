@@ -12,12 +12,19 @@ are never later than any schedule that respects both windows, so the rule is bot
 fast as the limits allow.
 
 The margin covers network jitter (a call sent later can arrive sooner) and makes the window
-closed on both ends. A request arrives somewhere between its grant and its response, so if two
-grants are ``period + margin`` apart and the first one's round trip took at most ``margin``,
-their arrivals are at least ``period`` apart. The margin is therefore the larger of a floor
-(1% of the window, at most 1 s) and the longest recent round trip the callers reported through
-:meth:`Throttle.observe` (capped at a quarter of the window, so one stuck call cannot stall a
-run).
+closed on both ends. A request arrives somewhere between its grant and its answer, so a grant
+holds its place in a window for the period plus the larger of a floor (1% of the window, at
+most 1 s) and its own round trip, which the caller reports through :meth:`Throttle.observe`.
+If two grants are that far apart, their arrivals are at least a period apart, however slow the
+first call was. A call not answered yet may still be on its way: its place is held until the
+answer comes, at most ``answer_timeout_s`` after the grant (the HTTP client's total timeout, by
+which it is answered or abandoned). Capping the held lag instead (a quarter of the window, as an
+earlier version did) lets a 101st call into the window whenever one call is slower than the
+cap: a loaded machine running 0.6 s windows showed exactly that.
+
+A resumed run seeds the log with the send times of the process before (:meth:`Throttle.seed`),
+each with a bound on its arrival taken from the journal: the next line about the same machine,
+or the start of the process after, or now.
 
 A pace sets a minimum gap between consecutive grants, so a minute's budget goes out as a
 short, smooth stream rather than as one burst of simultaneous connections. ``aiolimiter`` does
@@ -28,8 +35,7 @@ with the default 60 ms pace, a float residue left its level a hair above zero an
 rescheduled its wake-up at "now" forever. The gap is also one more "earliest free time" next to
 the windows' (the last grant plus the pace), which estimates use.
 
-A 429 pauses every caller until its Retry-After has passed (:meth:`Throttle.pause`), and a
-resumed run seeds the log with the send times of the process before (:meth:`Throttle.seed`).
+A 429 pauses every caller until its Retry-After has passed (:meth:`Throttle.pause`).
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ import collections
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 
 from aiolimiter import AsyncLimiter
@@ -81,14 +87,19 @@ class Limit:
         return min(1.0, self.period_s / 100)
 
 
+#: How long a call can stay unanswered: the HTTP client's total timeout (the CLI's sessions use
+#: it). An unanswered call holds its place in a window at most this long after its grant.
+ANSWER_TIMEOUT_S = 90.0
+
 #: The documented offboard limits: 100 per minute and 1,500 per hour (mde-api.md section 2).
 DEFAULT_LIMITS = (Limit(100, 60.0), Limit(1500, 3600.0))
 
 
 class SlidingLog:
-    """The exact rule for one window: remembers the last ``limit.calls`` grant times."""
+    """The exact rule for one window: remembers the last ``limit.calls`` grants and, for each,
+    how long after its grant it may have arrived (NaN while its call is unanswered)."""
 
-    __slots__ = ("_round_trips", "_times", "limit", "margin_s")
+    __slots__ = ("_lags", "_times", "limit", "margin_s")
 
     def __init__(self, limit: Limit, margin_s: float | None = None) -> None:
         self.limit = limit
@@ -96,8 +107,8 @@ class SlidingLog:
         if self.margin_s <= 0:
             raise ValueError("the margin must be above zero (windows are closed)")
         self._times: collections.deque[float] = collections.deque(maxlen=limit.calls)
-        #: The round trip of each grant held (NaN until its caller reports it).
-        self._round_trips: collections.deque[float] = collections.deque(maxlen=limit.calls)
+        #: The arrival lag bound of each grant held: its round trip, NaN until answered.
+        self._lags: collections.deque[float] = collections.deque(maxlen=limit.calls)
 
     def __repr__(self) -> str:
         return f"SlidingLog({self.limit}, margin_s={self.margin_s}, held={len(self._times)})"
@@ -106,45 +117,47 @@ class SlidingLog:
         """The grant times held, oldest first."""
         return tuple(self._times)
 
-    def reach_s(self, extra_margin_s: float = 0.0) -> float:
-        """How long a grant holds its place: the window plus the margin (widened by an
-        observed round trip, at most to a quarter of the window)."""
-        margin = max(self.margin_s, min(extra_margin_s, self.limit.period_s / 4))
-        return self.limit.period_s + margin
+    def reach_s(self, lag_s: float = 0.0) -> float:
+        """How long a grant that arrived at most ``lag_s`` after it holds its place: the
+        window plus the larger of the margin and that lag."""
+        return self.limit.period_s + max(self.margin_s, lag_s)
 
-    def next_free(self, extra_margin_s: float = 0.0) -> float:
+    def next_free(self, unanswered_s: float = ANSWER_TIMEOUT_S) -> float:
         """The earliest clock time at which one more grant keeps the window within limit.
 
-        What must be covered is the lag of the grant about to leave the window (it arrived
-        at most its round trip after its grant): its own round trip when reported, else
-        ``extra_margin_s`` (the longest recent one).
+        The grant about to leave the window holds it for its own lag; while its call is
+        unanswered, for ``unanswered_s`` (an answer moves this earlier).
         """
         if len(self._times) < self.limit.calls:
             return float("-inf")
-        own = self._round_trips[0]
-        lag = extra_margin_s if math.isnan(own) else max(own, 0.0)
-        return self._times[0] + self.reach_s(lag)
+        own = self._lags[0]
+        return self._times[0] + self.reach_s(unanswered_s if math.isnan(own) else own)
 
-    def record(self, at: float) -> None:
-        """Count a grant at clock time ``at`` (times must not go backwards)."""
+    def record(self, at: float, lag_s: float = math.nan) -> None:
+        """Count a grant at clock time ``at``; ``lag_s``: how long after ``at`` it arrived at
+        the latest, when already known (NaN: unanswered)."""
         self._times.append(at)
-        self._round_trips.append(math.nan)
+        self._lags.append(lag_s)
 
-    def observe(self, granted_at: float, round_trip_s: float) -> None:
-        """Note the round trip of the grant made at ``granted_at`` (searched from the newest)."""
+    def observe(self, granted_at: float, round_trip_s: float) -> bool:
+        """Note the round trip of the grant made at ``granted_at`` (searched from the newest);
+        True when that grant is the one a full window waits on (the answer may free it)."""
         for index in range(len(self._times) - 1, -1, -1):
-            if self._times[index] == granted_at:
-                self._round_trips[index] = round_trip_s
-                return
+            if self._times[index] == granted_at and math.isnan(self._lags[index]):
+                self._lags[index] = round_trip_s
+                return index == 0 and len(self._times) == self.limit.calls
             if self._times[index] < granted_at:
-                return
+                break
+        return False
 
 
 class Throttle:
     """Grants permission to send, under every :class:`Limit` at once, for any number of callers.
 
     ``clock`` is the time source the grants are measured in (the running loop's clock by
-    default, so ``looptime`` can fast-forward it). Grants are FIFO.
+    default, so ``looptime`` can fast-forward it). Grants are FIFO. Every grant must be answered
+    with :meth:`observe` (``granted_at`` included) once its call has its answer, or it holds
+    its place in the windows for ``answer_timeout_s``: :meth:`slot` does both.
     """
 
     def __init__(
@@ -155,12 +168,14 @@ class Throttle:
         pace_s: float | None = None,
         clock: Callable[[], float] | None = None,
         name: str = "offboard",
+        answer_timeout_s: float = ANSWER_TIMEOUT_S,
     ) -> None:
         self.limits = tuple(limits)
         if not self.limits:
             raise ValueError("a throttle needs at least one limit")
         self.name = name
         self._logs = [SlidingLog(limit, margin_s) for limit in self.limits]
+        self.answer_timeout_s = answer_timeout_s
         self._clock = clock
         self._lock = asyncio.Lock()
         self._paused_until = float("-inf")
@@ -194,11 +209,10 @@ class Throttle:
 
     def next_free(self) -> float:
         """The earliest time the next grant could happen (pauses and the pace included)."""
-        extra = self._max_round_trip_s
         return max(
             self._paused_until,
             self._last_grant + self._gap_s,
-            *(log.next_free(extra) for log in self._logs),
+            *(log.next_free(self.answer_timeout_s) for log in self._logs),
         )
 
     @property
@@ -211,24 +225,35 @@ class Throttle:
         return list(max(self._logs, key=lambda log: log.limit.calls).times())
 
     def margins_s(self) -> list[float]:
-        """Each window's margin now, in the order of :attr:`limits`."""
-        return [log.reach_s(self._max_round_trip_s) - log.limit.period_s for log in self._logs]
+        """Each window's expected margin, in the order of :attr:`limits`: the floor, or the
+        longest recent round trip up to a quarter of the window (an estimate, for ETAs: the
+        grants themselves are held for their own round trips)."""
+        return [
+            log.reach_s(min(self._max_round_trip_s, log.limit.period_s / 4)) - log.limit.period_s
+            for log in self._logs
+        ]
 
     def margin_hint_s(self) -> float:
-        """The longest recent round trip the margin currently covers (before the caps)."""
+        """The longest recent round trip observed."""
         return self._max_round_trip_s
 
     def observe(self, round_trip_s: float, granted_at: float | None = None) -> None:
-        """Report how long a granted call took from grant to response (widens the margin).
+        """Report how long a granted call took from grant to answer.
 
-        With ``granted_at`` (what :meth:`acquire` returned), the round trip is also kept with
-        that grant, so the window it leaves much later is held for exactly its lag.
+        With ``granted_at`` (what :meth:`acquire` returned), the round trip becomes that
+        grant's lag: it holds its windows for exactly that long past their periods, and a
+        caller waiting on it is woken. Every round trip also feeds the estimate of
+        :meth:`margins_s` (a negative one only answers its grant).
         """
-        if round_trip_s < 0:
+        if math.isnan(round_trip_s):
             return
         if granted_at is not None:
-            for log in self._logs:
-                log.observe(granted_at, round_trip_s)
+            # A grant is answered whatever the figure: a hair below zero is clock noise.
+            freed = [log.observe(granted_at, max(round_trip_s, 0.0)) for log in self._logs]
+            if any(freed):
+                self._changed.set()
+        if round_trip_s < 0:
+            return
         if len(self._round_trips) == self._round_trips.maxlen:
             dropped = self._round_trips[0]
             self._round_trips.append(round_trip_s)
@@ -237,6 +262,16 @@ class Throttle:
         else:
             self._round_trips.append(round_trip_s)
         self._max_round_trip_s = max(self._max_round_trip_s, round_trip_s)
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[float]:
+        """``async with throttle.slot() as granted:`` acquire, send inside, and the round trip
+        is observed on the way out, whatever happens (an error, a cancellation)."""
+        granted = await self.acquire()
+        try:
+            yield granted
+        finally:
+            self.observe(self.now() - granted, granted)
 
     async def acquire(self) -> float:
         """Wait until a call may be sent and count it. Returns the grant time.
@@ -258,6 +293,9 @@ class Throttle:
                     await asyncio.wait_for(self._changed.wait(), max(wait, _MIN_SLEEP_S))
             if self._pacer is not None:
                 await self._pacer.acquire()  # has capacity: returns at once, fills the bucket
+            # Grant times are distinct (a frozen or coarse clock can repeat one): each is the
+            # key its caller's answer is filed under (:meth:`observe`).
+            now = max(now, math.nextafter(self._last_grant, math.inf))
             for log in self._logs:
                 log.record(now)
             self._last_grant = now
@@ -272,21 +310,27 @@ class Throttle:
             self.pauses += 1
             self._changed.set()
 
-    def seed(self, send_times: Iterable[float]) -> int:
-        """Count earlier sends (clock times, in any order) so a restart cannot overshoot.
+    def seed(self, sends: Iterable[float | tuple[float, float]]) -> int:
+        """Count earlier sends so a restart cannot overshoot. Returns how many were counted.
 
-        Returns how many were counted. Times too old to hold back any grant from now on are
-        ignored: older than the longest window plus the widest margin it can ever have (a
-        quarter of it), because round trips observed after the seed (the resume order) widen
-        the margin for the seeded sends too. The times are sorted first: they come from the
-        journal's wall-clock stamps, which a clock stepped back leaves out of order, and each
-        window keeps only its most recent sends.
+        Each send is a clock time, or (clock time, lag): how long after it the call had
+        arrived at the latest (a bare time: at once). Sends whose window has passed for good
+        (older than the longest window plus their lag and the margin) are ignored. The rest
+        are sorted first: they come from the journal's wall-clock stamps, which a clock stepped
+        back leaves out of order, and each window keeps only its most recent sends.
         """
-        horizon = self.now() - max(log.reach_s(float("inf")) for log in self._logs)
-        kept = sorted(at for at in send_times if at >= horizon)
-        for at in kept:
+        now = self.now()
+        longest = max(self._logs, key=lambda log: log.limit.period_s)
+        kept: list[tuple[float, float]] = []
+        for send in sends:
+            at, lag = send if isinstance(send, tuple) else (send, 0.0)
+            lag = max(lag, 0.0)
+            if at + longest.reach_s(lag) >= now:
+                kept.append((at, lag))
+        kept.sort()
+        for at, lag in kept:
             for log in self._logs:
-                log.record(at)
+                log.record(at, lag)
         return len(kept)
 
     def ideal_duration_s(self, calls: int) -> float:

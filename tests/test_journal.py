@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import os
 import tracemalloc
 from pathlib import Path
@@ -190,6 +189,53 @@ def test_replay_measures_the_round_trips_of_the_process_before(tmp_path: Path) -
     assert list(replay_file(path).recent_round_trips) == [pytest.approx(0.25)]
 
 
+def test_recent_sends_know_when_each_call_had_arrived_at_the_latest(tmp_path: Path) -> None:
+    """A call arrived before the next line about its machine (a retry or a result), and
+    before the next session started (its process was gone); one in doubt at the end of the
+    journal, before now."""
+
+    def at(seconds: float) -> str:
+        return f"2026-11-28T00:00:{seconds:09.6f}Z"
+
+    records: list[dict[str, Any]] = [
+        {"type": "session", "at": at(0), "pid": 1},
+        {"type": "attempt", "machine_id": A, "attempt": 1, "at": at(1)},
+        {"type": "attempt", "machine_id": A, "attempt": 2, "at": at(1.5)},  # a 429, retried
+        {"type": "result", "machine_id": A, "outcome": "offboarded", "at": at(2)},
+        {"type": "attempt", "machine_id": B, "attempt": 1, "at": at(3)},  # killed in flight
+        {"type": "attempt", "machine_id": C, "attempt": 1, "at": at(3.25)},
+        {"type": "session", "at": at(5), "pid": 2},
+        {"type": "result", "machine_id": C, "outcome": "offboarded", "at": at(5.5)},
+        {"type": "attempt", "machine_id": B, "attempt": 2, "at": at(6)},  # in doubt at the end
+    ]
+    path = tmp_path / "j.jsonl"
+    journal = Journal.create(path, HEADER)
+    for record in records:
+        journal.append(record)
+    journal.close()
+    applied = Replay(HEADER)
+    for record in records:
+        applied.apply(record)
+    zero = journal_module.parse_iso(at(0)).timestamp()
+    expected = [(1, 0.5), (1.5, 0.5), (3, 2), (3.25, 1.75), (6, 4)]
+    for replay in (replay_file(path), applied):
+        got = [x for sent, lag in replay.recent_send_lags(zero + 10) for x in (sent - zero, lag)]
+        assert got == pytest.approx([x for pair in expected for x in pair])
+        assert replay.recent_round_trips == [pytest.approx(0.5)]  # only A's retry was answered
+
+
+def test_recent_sends_keep_the_latest_in_a_ring() -> None:
+    recent = journal_module.RecentSends(maxlen=3)
+    for n in range(5):
+        recent.sent(f"m{n}", f"2026-11-28T00:00:0{n}.000000Z")
+    recent.answered("m0", "2026-11-28T00:00:09.000000Z")  # dropped already: nothing to pair
+    assert recent.answered("m3", "2026-11-28T00:00:05.000000Z") is not None
+    zero = journal_module.parse_iso("2026-11-28T00:00:00.000000Z").timestamp()
+    assert [t - zero for t in recent.times()] == [2, 3, 4]
+    assert [lag for _, lag in recent.lags(zero + 10)] == [8, 2, 6]
+    assert len(recent) == 3
+
+
 def test_the_fast_replay_path_agrees_with_the_general_one(tmp_path: Path) -> None:
     path = tmp_path / "j.jsonl"
     journal = Journal.create(path, HEADER)
@@ -315,7 +361,7 @@ def test_recent_sends_come_from_the_tail_however_far_back_it_must_read(
 def _small_recent(init: Any) -> Any:
     def small(self: Replay, *args: Any, **kwargs: Any) -> None:
         init(self, *args, **kwargs)
-        self.recent_attempt_times = collections.deque(maxlen=10)
+        self.recent = journal_module.RecentSends(maxlen=10)
 
     return small
 

@@ -266,11 +266,14 @@ async def test_a_long_crash_loop_across_the_hourly_window_keeps_every_promise(
     assert replay_file(journal).sessions >= 20
 
 
+@pytest.mark.parametrize("latency_s", [0.3, 1.2])
 async def test_a_slow_spell_early_in_a_window_does_not_make_it_overflow_later(
-    start_emulator: StartEmulator, tmp_path: Path
+    start_emulator: StartEmulator, tmp_path: Path, latency_s: float
 ) -> None:
-    """The first calls of a window arrive 0.3 s after they were sent (a network hiccup), the
-    rest at once; one window (300 calls in 3 s) on both sides, so nothing else gates."""
+    """The first calls of a window arrive ``latency_s`` after they were sent (a network
+    hiccup; 1.2 s is longer than a quarter of the window, where an earlier version capped the
+    lag it held for), the rest at once; one window (300 calls in 3 s) on both sides, so
+    nothing else gates."""
     limits = {"offboard": ((300, 3.0),), "machineactions": ((300, 3.0),), "machines": ((300, 3.0),)}
     server = await start_emulator(
         EmulatorConfig(
@@ -289,7 +292,7 @@ async def test_a_slow_spell_early_in_a_window_does_not_make_it_overflow_later(
         conn=conn,
     )
     truth = server.emulator.truth
-    server.emulator.faults.latency_s = 0.3
+    server.emulator.faults.latency_s = latency_s
     run = asyncio.create_task(execute(dataclasses.replace(plan, tuning=FAST), conn))
     while sum(truth.offboard_posts.values()) < 20 and not run.done():
         await asyncio.sleep(0.001)

@@ -123,6 +123,12 @@ async def without_frozen_spin(awaitable: Awaitable[T]) -> T:
     pytest.fail("the loop spun with its clock frozen (a wake-up at 'now' rescheduled forever)")
 
 
+async def take(throttle: Throttle) -> float:
+    """One grant whose call is answered at once (the round trip is 0). Returns its time."""
+    async with throttle.slot() as granted:
+        return granted
+
+
 async def grant_all(throttle: Throttle, calls: int, workers: int) -> list[float]:
     """``workers`` callers take ``calls`` grants between them, back to back; grant times.
 
@@ -134,7 +140,7 @@ async def grant_all(throttle: Throttle, calls: int, workers: int) -> list[float]
         nonlocal claimed
         while claimed < calls:
             claimed += 1
-            times.append(await throttle.acquire())
+            times.append(await take(throttle))
 
     await without_frozen_spin(asyncio.gather(*(worker() for _ in range(workers))))
     assert len(times) == calls
@@ -253,8 +259,9 @@ def test_ideal_duration_is_the_greedy_exact_schedule(
 
 @dataclass
 class Step:
-    """One call of one caller: wait ``gap_s`` (an arrival pattern), acquire, then maybe take
-    ``round_trip_s`` and report it, and maybe get a 429 with Retry-After ``pause_s``."""
+    """One call of one caller: wait ``gap_s`` (an arrival pattern), acquire, then take
+    ``round_trip_s`` and report it (None: never answered), and maybe get a 429 with
+    Retry-After ``pause_s``."""
 
     gap_s: float
     round_trip_s: float | None
@@ -268,6 +275,8 @@ class Scenario:
     seeded: int
     seed_lag_s: float
     pace_s: float | None = None
+    history_lag_s: float = 0.0  # how long after its send each seeded call may have arrived
+    answer_timeout_s: float = 1.0
 
 
 @dataclass
@@ -276,6 +285,8 @@ class Outcome:
     grants: list[float]  # in the order acquire() returned them
     events: list[tuple[str, float, float]] = field(default_factory=list)  # grants and pauses
     pace_s: float = 0.0
+    #: (send, latest arrival) of every call, the seeded ones included.
+    spans: list[tuple[float, float]] = field(default_factory=list)
 
 
 @st.composite
@@ -301,34 +312,62 @@ def scenarios(draw: st.DrawFn) -> Scenario:
         st.floats(0, 0.1 * shortest),  # a trickle
         st.floats(0, 3 * shortest),  # gaps that let windows drain
     )
-    steps = st.builds(
-        Step,
-        gaps,
-        st.none() | st.floats(0, 0.5 * shortest),
-        st.none() | st.none() | st.floats(0, 2 * shortest),
+    round_trips = st.one_of(
+        st.floats(0, 0.05 * shortest),  # fast answers
+        st.floats(0, 1.5 * shortest),  # slow ones, some slower than a whole window
+        st.none(),  # never answered: held for the answer timeout
     )
+    steps = st.builds(Step, gaps, round_trips, st.none() | st.none() | st.floats(0, 2 * shortest))
     callers = draw(st.lists(st.lists(steps, max_size=30), min_size=1, max_size=8))
     longest = max(limits, key=lambda limit: limit.period_s)
     seeded = draw(st.integers(0, longest.calls + 3))
     seed_lag_s = draw(st.floats(0, 1.2 * longest.period_s))
     pace_s = draw(st.none() | st.floats(0, 0.2 * shortest))
-    return Scenario(limits, callers, seeded, seed_lag_s, pace_s)
+    history_lag_s = draw(st.floats(0, 1.5 * shortest))
+    answer_timeout_s = draw(st.floats(0, 2 * shortest))
+    # The HTTP client's timeout: every call has its answer (or is abandoned) by then.
+    for step in itertools.chain.from_iterable(callers):
+        if step.round_trip_s is not None:
+            step.round_trip_s = min(step.round_trip_s, answer_timeout_s)
+    return Scenario(limits, callers, seeded, seed_lag_s, pace_s, history_lag_s, answer_timeout_s)
 
 
-def lawful_history(limits: Sequence[Limit], count: int, last: float) -> list[float]:
-    """``count`` evenly spaced past sends ending at ``last`` that respect every window."""
-    spacing = max((limit.period_s + limit.default_margin_s) / limit.calls for limit in limits)
+def lawful_history(
+    limits: Sequence[Limit], count: int, last: float, lag_s: float = 0.0
+) -> list[float]:
+    """``count`` evenly spaced past sends ending at ``last`` that respect every window even
+    when each arrived ``lag_s`` after its send."""
+    spacing = max(
+        (limit.period_s + max(limit.default_margin_s, lag_s)) / limit.calls for limit in limits
+    )
     spacing *= 1.0001
     return [last - (count - 1 - i) * spacing for i in range(count)]
 
 
+def max_in_window_at_worst(spans: Sequence[tuple[float, float]], period: float) -> int:
+    """The most calls one closed window ``[t, t + period]`` can hold when each call arrives
+    anywhere from its send to (just before) its latest arrival: the worst the server can see."""
+    worst = 0
+    for _, first_end in spans:
+        start = first_end - 1e-9
+        worst = max(
+            worst,
+            sum(1 for sent, end in spans if end - 1e-9 >= start and sent <= start + period),
+        )
+    return worst
+
+
 async def play(scenario: Scenario) -> Outcome:
     """Run the scenario on the running loop."""
-    throttle = Throttle(scenario.limits, pace_s=scenario.pace_s)
+    throttle = Throttle(
+        scenario.limits, pace_s=scenario.pace_s, answer_timeout_s=scenario.answer_timeout_s
+    )
     start = throttle.now()
-    history = lawful_history(scenario.limits, scenario.seeded, start - scenario.seed_lag_s)
-    throttle.seed(history)
+    lag = scenario.history_lag_s
+    history = lawful_history(scenario.limits, scenario.seeded, start - scenario.seed_lag_s, lag)
+    throttle.seed([(at, lag) for at in history])
     events: list[tuple[str, float, float]] = []
+    spans = [(at, at + lag) for at in history]
 
     async def caller(steps: list[Step]) -> None:
         for step in steps:
@@ -336,9 +375,13 @@ async def play(scenario: Scenario) -> Outcome:
                 await asyncio.sleep(step.gap_s)
             granted = await throttle.acquire()
             events.append(("grant", granted, granted))
-            if step.round_trip_s is not None:
+            if step.round_trip_s is None:
+                spans.append((granted, granted + scenario.answer_timeout_s))
+            else:
                 await asyncio.sleep(step.round_trip_s)
-                throttle.observe(step.round_trip_s)
+                answered = throttle.now()
+                spans.append((granted, answered))
+                throttle.observe(answered - granted, granted)
             if step.pause_s is not None:
                 now = throttle.now()
                 throttle.pause(step.pause_s)
@@ -347,7 +390,7 @@ async def play(scenario: Scenario) -> Outcome:
     await asyncio.gather(*(caller(steps) for steps in scenario.callers))
     grants = [at for kind, at, _ in events if kind == "grant"]
     assert len(grants) == throttle.granted == sum(map(len, scenario.callers))
-    return Outcome(history, grants, events, throttle.pace_s)
+    return Outcome(history, grants, events, throttle.pace_s, spans)
 
 
 @fast_loop_time
@@ -363,8 +406,10 @@ async def test_no_closed_window_ever_holds_more_than_its_limit(scenario: Scenari
     history, grants = outcome.history, outcome.grants
 
     # Every window of every limit, closed on both ends, over the earlier process's sends and
-    # this one's grants together.
-    assert_within(history + grants, scenario.limits)
+    # this one's, wherever in its round trip each call arrived (however slow it was).
+    for limit in scenario.limits:
+        most = max_in_window_at_worst(outcome.spans, limit.period_s)
+        assert most <= limit.calls, f"{most} arrivals can share one {limit.period_s:g} s window"
 
     # With the margin: the (N+1)-th send is at least period + margin after the first.
     everything = sorted(history + grants)
@@ -463,8 +508,8 @@ async def test_the_first_hour_budget_goes_out_in_minute_blocks_then_waits_for_th
 @fast_loop_time
 async def test_a_pause_holds_every_waiting_caller_until_the_retry_after_has_passed() -> None:
     throttle = Throttle((Limit(1, 10),), pace_s=0)
-    start = await throttle.acquire()
-    waiting = [asyncio.create_task(throttle.acquire()) for _ in range(3)]
+    start = await take(throttle)
+    waiting = [asyncio.create_task(take(throttle)) for _ in range(3)]
     await asyncio.sleep(1)  # all three now wait for the window (start + 10.1)
     assert not any(task.done() for task in waiting)
 
@@ -484,7 +529,7 @@ async def test_a_later_longer_pause_extends_the_hold_and_a_shorter_one_does_not_
     throttle = Throttle((Limit(100, 60),), pace_s=0)
     start = throttle.now()
     throttle.pause(30)
-    waiting = [asyncio.create_task(throttle.acquire()) for _ in range(5)]
+    waiting = [asyncio.create_task(take(throttle)) for _ in range(5)]
     await asyncio.sleep(5)
     throttle.pause(60)  # until start + 65
     await asyncio.sleep(5)
@@ -503,18 +548,18 @@ async def test_a_pause_also_holds_callers_that_arrive_later() -> None:
     start = throttle.now()
     throttle.pause(7)
     await asyncio.sleep(3)
-    assert await throttle.acquire() == pytest.approx(start + 7, abs=LATE)
+    assert await take(throttle) == pytest.approx(start + 7, abs=LATE)
     # Once it has passed, nothing waits.
-    assert await throttle.acquire() == pytest.approx(start + 7, abs=LATE)
+    assert await take(throttle) == pytest.approx(start + 7, abs=LATE)
 
 
 @fast_loop_time
 async def test_every_attempt_counts_even_when_it_got_a_429() -> None:
     throttle = Throttle((Limit(2, 10),), pace_s=0)
-    first = await throttle.acquire()
-    await throttle.acquire()
+    first = await take(throttle)
+    await take(throttle)
     throttle.pause(1)  # both calls got 429s with Retry-After: 1
-    retry = await throttle.acquire()
+    retry = await take(throttle)
     # The retry waits for the window, not just the second: the 429s were sent, so they count.
     assert retry >= first + 10.1 - EPS
     assert throttle.granted == 3
@@ -577,35 +622,36 @@ async def test_a_restarted_throttle_grants_exactly_when_an_uninterrupted_one_wou
 async def test_seed_ignores_sends_older_than_the_longest_window() -> None:
     throttle = Throttle()
     now = throttle.now()
-    # Beyond an hour plus the widest margin it can get (a quarter of it): never in a window
-    # with a call sent from now on, whatever round trips are observed later.
-    stale = [now - 4501 - i for i in range(1500, 0, -1)]
+    # Beyond an hour plus the 1 s margin: never in a window with a call sent from now on.
+    stale = [now - 3601.5 - i for i in range(1500, 0, -1)]
     assert throttle.seed(stale) == 0
-    throttle.observe(10_000)
     assert throttle.next_free() < now
-    assert await throttle.acquire() == now
+    assert await take(throttle) == now
 
     recent = Throttle()
-    assert recent.seed([now - 4499, now - 3599, now - 10]) == 3
-    # Counted, but an hour plus a 1 s margin is long past for the oldest two: no wait.
+    assert recent.seed([now - 4499, now - 3599, now - 10]) == 2
+    # Counted, but an hour plus a 1 s margin is long past for the older one: no wait.
     assert recent.next_free() < now
+
+    # A send that may have arrived long after it is kept for as long as it may count.
+    late = Throttle((Limit(1, 3600),))
+    assert late.seed([(now - 4499, 1000.0)]) == 1
+    assert late.next_free() == pytest.approx(now - 4499 + 3600 + 1000)
 
 
 @fast_loop_time
-async def test_seeded_sends_stay_counted_when_round_trips_observed_after_widen_the_margin() -> None:
-    """The resume order in the CLI: seed the send times, then observe the dead process's
-    round trips. A send it made 11.5 s ago may have arrived 2 s later, so it still shares a
-    10 s window with a call sent now."""
+async def test_a_seeded_send_holds_its_windows_for_its_own_lag() -> None:
+    """The journal bounds when each call of the process before arrived: one answered 2 s
+    after its send, one that was in flight when its process died (lag up to now)."""
     throttle = Throttle((Limit(2, 10),), pace_s=0)  # default margin 0.1 s
     now = throttle.now()
-    history = [now - 11.5, now - 11.4]
+    history = [(now - 11.5, 2.0), (now - 11.4, 11.4)]
     assert throttle.seed(history) == 2
-    throttle.observe(2.0)
-    grants = [await throttle.acquire(), await throttle.acquire()]
-    assert grants[0] >= now - 11.5 + 12 - EPS
-    assert grants[1] >= now - 11.4 + 12 - EPS
-    # The old sends arrived at the latest just before their 2 s responses, the new at once.
-    arrivals = [at + 1.999 for at in history] + grants
+    grants = [await take(throttle), await take(throttle)]
+    assert grants[0] == pytest.approx(now - 11.5 + 12, abs=LATE)
+    assert grants[1] == pytest.approx(now + 10, abs=LATE)
+    # The old calls arrived at the latest at the end of their lags, the new ones at once.
+    arrivals = [at + lag - 1e-6 for at, lag in history] + grants
     assert_within(arrivals, throttle.limits)
 
 
@@ -617,7 +663,7 @@ async def test_seed_counts_the_most_recent_sends_even_out_of_order() -> None:
     # In time: -10.05, -5, -0.02 (lawful: the first and last are more than 10 s apart).
     history = [now - 0.02, now - 10.05, now - 5]
     assert throttle.seed(history) == 3
-    grants = [await throttle.acquire(), await throttle.acquire()]
+    grants = [await take(throttle), await take(throttle)]
     assert_within(history + grants, throttle.limits)
     assert grants[0] >= now - 5 + 10.1 - EPS
 
@@ -649,39 +695,67 @@ def test_seed_and_pause_use_the_injected_clock() -> None:
 
 
 @fast_loop_time
-async def test_observed_round_trips_widen_the_margin_between_window_ends() -> None:
+async def test_a_grant_holds_its_windows_for_its_own_round_trip_however_long() -> None:
     throttle = Throttle((Limit(2, 10),), pace_s=0)  # default margin 0.1 s
     first = await throttle.acquire()
-    await throttle.acquire()
-    throttle.observe(2.0)
-    throttle.observe(1.0)  # the longest recent round trip rules
-    throttle.observe(-1.0)  # nonsense: ignored
-    third = await throttle.acquire()
-    assert third - first >= 12.0 - EPS
-    assert third - first == pytest.approx(12.0, abs=LATE)
-
-
-@fast_loop_time
-async def test_the_observed_margin_is_capped_at_a_quarter_of_the_window() -> None:
-    throttle = Throttle((Limit(2, 10),), pace_s=0)
-    first = await throttle.acquire()
-    await throttle.acquire()
-    throttle.observe(100.0)  # one stuck call must not stall the run
-    third = await throttle.acquire()
-    assert third - first == pytest.approx(10 + 10 / 4, abs=LATE)
-
-
-@fast_loop_time
-async def test_an_old_slow_round_trip_stops_counting_after_256_newer_ones() -> None:
-    throttle = Throttle((Limit(1, 10),), pace_s=0)
-    throttle.observe(2.0)
-    first = await throttle.acquire()
     second = await throttle.acquire()
-    assert second - first == pytest.approx(12.0, abs=LATE)
+    throttle.observe(7.5, first)  # slower than a quarter of the window: held all the same
+    throttle.observe(0.05, second)
+    throttle.observe(-1.0, second)  # nonsense: ignored
+    third = await take(throttle)
+    assert third == pytest.approx(first + 17.5, abs=LATE)
+    fourth = await take(throttle)  # the second's own round trip is below the margin
+    assert fourth == pytest.approx(max(third, second + 10.1), abs=LATE)
+
+
+@fast_loop_time
+async def test_an_unanswered_grant_holds_its_window_until_its_answer_comes() -> None:
+    throttle = Throttle((Limit(1, 10),), pace_s=0, answer_timeout_s=90)
+    first = await throttle.acquire()
+    waiting = asyncio.create_task(take(throttle))
+    await asyncio.sleep(30)  # far past the window: the first call may still be on its way
+    assert not waiting.done()
+    throttle.observe(throttle.now() - first, first)  # answered 30 s after its grant
+    assert await waiting == pytest.approx(first + 40, abs=LATE)
+
+
+@fast_loop_time
+async def test_a_grant_never_answered_holds_its_window_for_the_answer_timeout() -> None:
+    throttle = Throttle((Limit(1, 10),), pace_s=0, answer_timeout_s=25)
+    first = await throttle.acquire()  # its caller never reports back
+    assert await take(throttle) == pytest.approx(first + 35, abs=LATE)
+
+
+@fast_loop_time
+async def test_a_slot_answers_its_grant_even_when_the_call_fails() -> None:
+    throttle = Throttle((Limit(1, 10),), pace_s=0)
+    granted: list[float] = []
+
+    async def failing_call() -> None:
+        async with throttle.slot() as first:
+            granted.append(first)
+            await asyncio.sleep(3)
+            raise RuntimeError("the journal could not be written")
+
+    with pytest.raises(RuntimeError):
+        await failing_call()
+    assert await take(throttle) == pytest.approx(granted[0] + 13, abs=LATE)
+
+
+@fast_loop_time
+async def test_round_trips_without_a_grant_feed_the_margin_estimate_only() -> None:
+    throttle = Throttle((Limit(2, 10),), pace_s=0)
+    throttle.observe(2.0)
+    assert throttle.margins_s() == [pytest.approx(2.0)]
+    throttle.observe(100.0)  # the estimate stops at a quarter of the window
+    assert throttle.margins_s() == [pytest.approx(2.5)]
+    assert throttle.margin_hint_s() == 100.0
+    first, second = await take(throttle), await take(throttle)
+    assert await take(throttle) == pytest.approx(first + 10.1, abs=LATE)
     for _ in range(256):
         throttle.observe(0.05)
-    third = await throttle.acquire()
-    assert third - second == pytest.approx(10.1, abs=LATE)
+    assert throttle.margins_s() == [pytest.approx(0.1)]  # an old slow one is forgotten
+    assert second >= first
 
 
 @fast_loop_time
@@ -692,15 +766,13 @@ async def test_grants_stay_period_plus_round_trip_apart_under_steady_latency() -
     rng = random.Random(7)
     arrivals: list[float] = []
     grants: list[float] = []
-    throttle.observe(0.2)  # the latency seen so far
 
     async def call() -> None:
         for _ in range(20):
-            granted = await throttle.acquire()
-            grants.append(granted)
-            arrivals.append(granted + rng.uniform(0, 0.2))  # on the server, any time in flight
-            await asyncio.sleep(0.2)
-            throttle.observe(0.2)
+            async with throttle.slot() as granted:
+                grants.append(granted)
+                arrivals.append(granted + rng.uniform(0, 0.2))  # on the server, in flight
+                await asyncio.sleep(0.2)
 
     await asyncio.gather(*(call() for _ in range(4)))
     ordered = sorted(grants)
