@@ -7,20 +7,22 @@ The MDE limits are "100 per minute and 1,500 per hour" and the server's counting
 published, so the only safe reading is a sliding window on every span of that length.
 
 The rule here is a sliding log per window: keep the send times of the last N grants and grant
-only when the oldest of them is more than ``period + margin`` ago. Greedy grants under that rule
-are never later than any schedule that respects both windows, so the rule is both sound and as
-fast as the limits allow.
+only when the oldest of them is more than ``period + margin`` ago (the margin below). Greedy
+grants under that rule are never later than any schedule that respects both windows, so the
+rule is both sound and as fast as the limits allow.
 
 The margin covers network jitter (a call sent later can arrive sooner) and makes the window
 closed on both ends. A request arrives somewhere between its grant and its answer, so a grant
-holds its place in a window for the period plus the larger of a floor (1% of the window, at
-most 1 s) and its own round trip, which the caller reports through :meth:`Throttle.observe`.
-If two grants are that far apart, their arrivals are at least a period apart, however slow the
-first call was. A call not answered yet may still be on its way: its place is held until the
-answer comes, at most ``answer_timeout_s`` after the grant (the HTTP client's total timeout, by
-which it is answered or abandoned). Capping the held lag instead (a quarter of the window, as an
-earlier version did) lets a 101st call into the window whenever one call is slower than the
-cap: a loaded machine running 0.6 s windows showed exactly that.
+holds its place in a window for the period plus the larger of a floor (1% of the window, at most
+1 s) and its own round trip, which the caller reports through :meth:`Throttle.observe`. If two
+grants are that far apart, their arrivals are at least a period apart, however slow the first
+call was; and as grants are FIFO (each one no earlier than every grant before it), that holds
+for any N + 1 calls of the window, not only for consecutive ones. A call not answered yet may
+still be on its way: its place is held until the answer comes, at most ``answer_timeout_s``
+after the grant (the HTTP client's total timeout, by which it is answered or abandoned). Capping
+the held lag instead (a quarter of the window, as an earlier version did) lets a 101st call into
+the window whenever one call is slower than the cap: a loaded machine running 0.6 s windows
+showed exactly that.
 
 A resumed run seeds the log with the send times of the process before (:meth:`Throttle.seed`),
 each with a bound on its arrival taken from the journal: the next line about the same machine,
