@@ -755,7 +755,7 @@ async def test_round_trips_without_a_grant_feed_the_margin_estimate_only() -> No
     for _ in range(256):
         throttle.observe(0.05)
     assert throttle.margins_s() == [pytest.approx(0.1)]  # an old slow one is forgotten
-    assert second >= first
+    assert second == pytest.approx(first, abs=LATE)  # two fit the empty window at once
 
 
 @fast_loop_time
