@@ -567,9 +567,12 @@ class Replay:
             return None
         return self._result(self._entry(machine_id))
 
-    def results(self, outcomes: Container[str] | None = None) -> Iterator[dict[str, Any]]:
+    def results(
+        self, outcomes: Container[str] | None = None, *, settled: bool = False
+    ) -> Iterator[dict[str, Any]]:
         """The last result of every machine (invalid ids included), in first-seen order; only
-        those with one of ``outcomes`` when given (the others are not read from the file)."""
+        those with one of ``outcomes`` when given (the others are not read from the file);
+        ``settled``: not those of machines in doubt (sent again after that result)."""
         if outcomes is None or any(o in outcomes for o in self._invalid_counts):
             for record in self.invalid_results:
                 if outcomes is None or record.get("outcome") in outcomes:
@@ -580,8 +583,10 @@ class Replay:
             for code, name in enumerate(names)
             if code and (outcomes is None or name in outcomes)
         }
+        in_doubt = _IN_DOUBT if settled else 0
         for entry in range(len(state)):
-            if (state[entry] & _OUTCOME) in wanted:
+            byte = state[entry]
+            if (byte & _OUTCOME) in wanted and not byte & in_doubt:
                 found = self._result(entry)
                 if found is not None:
                     yield found

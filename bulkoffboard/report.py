@@ -47,6 +47,7 @@ CSV_COLUMNS = (
     "message",
     "where",
     "input",
+    "action_status_at",
 )
 
 
@@ -85,27 +86,47 @@ def summary(replay: Replay) -> dict[str, Any]:
 
 
 def render_json(replay: Replay) -> str:
-    """One JSON object: :func:`summary` plus ``action_statuses`` and ``attention``."""
-    return orjson.dumps(summary_with_actions(replay), option=orjson.OPT_INDENT_2).decode() + "\n"
+    """One JSON object: :func:`summary` plus ``action_statuses``, ``attention`` (a count) and
+    ``attention_machines`` (the first 2,000 of them, each from the shared view of
+    :func:`rows`; ``attention_machines_truncated`` says when there are more: ``jsonl`` has
+    every machine)."""
+    statuses, needs = follow_up(replay)
+    document = summary(replay) | {
+        "action_statuses": statuses,
+        "attention": len(needs),
+        "attention_machines": needs[:_JSON_ATTENTION_ROWS],
+        "attention_machines_truncated": len(needs) > _JSON_ATTENTION_ROWS,
+    }
+    return orjson.dumps(document, option=orjson.OPT_INDENT_2).decode() + "\n"
+
+
+def render_jsonl(replay: Replay) -> str:
+    """One JSON object a machine (JSON Lines), with the same fields and values as the CSV."""
+    return "".join(orjson.dumps(row).decode() + "\n" for row in rows(replay))
+
+
+def write_jsonl(out: TextIO, records: Iterable[dict[str, Any]]) -> None:
+    """One JSON line a record (streamed)."""
+    for record in records:
+        out.write(orjson.dumps(record).decode() + "\n")
 
 
 def rows(replay: Replay, outcomes: Container[str] | None = None) -> Iterator[dict[str, Any]]:
-    """One row a machine with :data:`CSV_COLUMNS`, in journal order (only the rows with one of
-    ``outcomes`` when given; ``in_doubt`` names the machines sent without a result)."""
-    for result in replay.results(outcomes):
-        yield {
-            "machine_id": result.get("machine_id") or "",
-            "outcome": result.get("outcome"),
-            "action_id": result.get("action_id") or "",
-            "action_status": result.get("action_status") or "",
-            "error_code": result.get("error_code") or "",
-            "attempts": result.get("attempts", 0),
-            "updated_at": result.get("at") or "",
-            "http_status": result.get("http_status") or "",
-            "message": result.get("message") or "",
-            "where": result.get("where") or "",
-            "input": result.get("input") or "",
-        }
+    """The one view of each machine that every renderer shares: one row a machine with
+    :data:`CSV_COLUMNS`, rejected values first, then machines in journal order, then those in
+    doubt (sent, no result recorded); only the rows with one of ``outcomes`` when given.
+
+    ``action_id``, ``action_status`` and ``action_status_at`` are the latest known state of the
+    machine's offboard action: the newest ``status`` record (what ``verify`` saw) when it
+    names the action of the result, else what the result recorded, and when it was seen.
+    """
+    for result in replay.results(outcomes, settled=True):
+        seen = (
+            replay.latest_action(str(result["machine_id"]), result)
+            if result.get("outcome") in FOLLOWED_OUTCOMES and result.get("machine_id")
+            else None
+        )
+        yield _row(result, seen)
     for machine_id in replay.in_doubt() if outcomes is None or "in_doubt" in outcomes else ():
         state = replay.machines[machine_id]
         yield {
@@ -120,7 +141,35 @@ def rows(replay: Replay, outcomes: Container[str] | None = None) -> Iterator[dic
             "message": "sent, no result recorded: 'bulkoffboard resume' checks it",
             "where": "",
             "input": "",
+            "action_status_at": "",
         }
+
+
+def _row(result: dict[str, Any], seen: ActionSeen | None) -> dict[str, Any]:
+    """A machine's row from its last result and the latest known state of its action."""
+    action_id: Any = result.get("action_id")
+    action_status: Any = result.get("action_status")
+    status_at: Any = result.get("at") if action_status else ""
+    if seen is not None:
+        action_id, action_status, status_at = (
+            seen.action_id or action_id,
+            seen.action_status,
+            seen.at,
+        )
+    return {
+        "machine_id": result.get("machine_id") or "",
+        "outcome": result.get("outcome"),
+        "action_id": action_id or "",
+        "action_status": action_status or "",
+        "error_code": result.get("error_code") or "",
+        "attempts": result.get("attempts", 0),
+        "updated_at": result.get("at") or "",
+        "http_status": result.get("http_status") or "",
+        "message": result.get("message") or "",
+        "where": result.get("where") or "",
+        "input": result.get("input") or "",
+        "action_status_at": status_at or "",
+    }
 
 
 def render_csv(replay: Replay) -> str:
@@ -177,7 +226,10 @@ def render_table(replay: Replay) -> str:
     if info["in_doubt"]:
         lines.append(f"{'in doubt':<18}{info['in_doubt']:>10}")
     lines.append(f"{'total':<18}{info['total']:>10}")
-    attention = list(rows(replay, ATTENTION_OUTCOMES))
+    statuses, attention = follow_up(replay)
+    if statuses:
+        lines += ["", f"{'action status':<18}{'machines':>10}"]
+        lines += [f"{status:<18}{number:>10}" for status, number in statuses.items()]
     if attention:
         lines += ["", "needs attention:"]
         for row in attention[:20]:
@@ -194,6 +246,7 @@ RENDERERS: dict[str, Callable[[Replay], str]] = {
     "table": render_table,
     "csv": render_csv,
     "json": render_json,
+    "jsonl": render_jsonl,
 }
 
 
@@ -206,18 +259,6 @@ ATTENTION_OUTCOMES = ("failed", "forbidden", "in_doubt")
 #: Final action statuses that mean the device was not offboarded (mde-api.md section 3).
 ATTENTION_STATUSES = ("Failed", "TimeOut", "Cancelled")
 _STATUS_ORDER = ("Pending", "InProgress", "Succeeded", "Failed", "TimeOut", "Cancelled")
-
-
-def _followed(replay: Replay) -> Iterator[tuple[str, dict[str, Any], ActionSeen | None]]:
-    """(machine id, last result, latest known action status) of each machine whose offboard
-    action is followed (``offboarded`` or ``already_pending``, not in doubt); the others are
-    passed over without reading their result line."""
-    for machine_id, state in replay.machines.items():
-        if state.outcome not in FOLLOWED_OUTCOMES or state.in_doubt:
-            continue
-        result = state.result
-        if result is not None:
-            yield machine_id, result, replay.latest_action(machine_id, result)
 
 
 def action_statuses(replay: Replay) -> dict[str, int]:
@@ -236,36 +277,28 @@ def attention(replay: Replay) -> list[dict[str, Any]]:
 
 
 def follow_up(replay: Replay) -> tuple[dict[str, int], list[dict[str, Any]]]:
-    """:func:`action_statuses` and :func:`attention` in one pass over the journal's results
-    (a report of half a million machines reads each result line once, not twice)."""
-    found: list[dict[str, Any]] = [
-        {
-            "machine_id": row["machine_id"],
-            "outcome": row["outcome"],
-            "action_id": row["action_id"],
-            "action_status": row["action_status"],
-            "seen_at": row["updated_at"],
-            "message": row["message"],
-            "where": row["where"],
-            "input": row["input"],
-        }
-        for row in rows(replay, ATTENTION_OUTCOMES)
-    ]
+    """:func:`action_statuses` and :func:`attention` in one pass over the machines' rows
+    (:func:`rows`, the view every format shares; each result line is read once)."""
+    found: list[dict[str, Any]] = []
     tally: collections.Counter[str] = collections.Counter()
-    for machine_id, result, seen in _followed(replay):
-        tally[seen.action_status if seen is not None else "unknown"] += 1
-        if seen is None or seen.action_status not in ATTENTION_STATUSES:
-            continue
+    for row in rows(replay, (*ATTENTION_OUTCOMES, *FOLLOWED_OUTCOMES)):
+        status = row["action_status"]
+        message = row["message"]
+        if row["outcome"] in FOLLOWED_OUTCOMES:
+            tally[status or "unknown"] += 1
+            if status not in ATTENTION_STATUSES:
+                continue
+            message = f"the offboard action ended {status}"
         found.append(
             {
-                "machine_id": machine_id,
-                "outcome": result.get("outcome"),
-                "action_id": seen.action_id or "",
-                "action_status": seen.action_status,
-                "seen_at": seen.at,
-                "message": f"the offboard action ended {seen.action_status}",
-                "where": "",
-                "input": "",
+                "machine_id": row["machine_id"],
+                "outcome": row["outcome"],
+                "action_id": row["action_id"],
+                "action_status": status,
+                "seen_at": row["action_status_at"] or row["updated_at"],
+                "message": message,
+                "where": row["where"],
+                "input": row["input"],
             }
         )
     ordered = {s: tally[s] for s in _STATUS_ORDER if tally.get(s)}
@@ -493,6 +526,7 @@ def _md(value: Any) -> str:
 
 _MD_ATTENTION_ROWS = 200
 _HTML_ATTENTION_ROWS = 2000
+_JSON_ATTENTION_ROWS = 2000
 
 
 def _run_facts(replay: Replay) -> list[tuple[str, str]]:
@@ -882,10 +916,12 @@ def render_file(path: Path, fmt: str) -> str:
 
 
 def write_file(path: Path, fmt: str, out: TextIO) -> None:
-    """:func:`render_file` written to ``out``; CSV is streamed a row at a time (a report of a
-    million machines is never held whole)."""
+    """:func:`render_file` written to ``out``; CSV and JSON Lines are streamed a row at a
+    time (a report of a million machines is never held whole)."""
     if fmt == "csv":
         write_csv(out, CSV_COLUMNS, rows(replay_file(path)))
+    elif fmt == "jsonl":
+        write_jsonl(out, rows(replay_file(path)))
     else:
         out.write(render_file(path, fmt))
 

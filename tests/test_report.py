@@ -153,6 +153,62 @@ def test_attention_lists_failed_forbidden_in_doubt_and_timed_out(journal_path: P
     assert timed_out["seen_at"] == at(2 * 86400 + 60)
 
 
+def test_every_format_shows_the_latest_known_action_status_of_each_machine(
+    journal_path: Path,
+) -> None:
+    """verify's status records win over the result's status in every format, with when they
+    were seen; a status record about another action does not (issue 12: the CSV kept showing
+    the result's Pending after verify saw Succeeded)."""
+    replay = replay_file(journal_path)
+    later = 2 * 86400
+    expected = {
+        M[0]: ("a0", "Succeeded", at(later)),
+        M[1]: ("a1", "TimeOut", at(later + 60)),
+        M[2]: ("a2", "Pending", at(10)),  # its status record names another action
+        M[3]: ("a3", "InProgress", at(10)),  # never verified: the result's own status
+    }
+    csv_rows = {
+        r["machine_id"]: r
+        for r in csv.DictReader(io.StringIO(report.render_csv(replay), newline=""))
+    }
+    jsonl_rows = {
+        r["machine_id"]: r for r in map(orjson.loads, report.render_jsonl(replay).splitlines())
+    }
+    for machine_id, (action_id, status_, seen) in expected.items():
+        for row in (csv_rows[machine_id], jsonl_rows[machine_id]):
+            assert (row["action_id"], row["action_status"], row["action_status_at"]) == (
+                action_id,
+                status_,
+                seen,
+            ), machine_id
+    assert set(csv_rows) == set(jsonl_rows)
+    assert {k: str(v) for k, v in jsonl_rows[M[5]].items()} == csv_rows[M[5]]
+    data = orjson.loads(report.render_json(replay))
+    timed_out = next(r for r in data["attention_machines"] if r["machine_id"] == M[1])
+    assert (timed_out["action_status"], timed_out["seen_at"]) == ("TimeOut", at(later + 60))
+    assert data["attention"] == len(data["attention_machines"]) == 4
+    assert not data["attention_machines_truncated"]
+    table = report.render_table(replay)
+    assert re.search(r"^Succeeded\s+1$", table, re.MULTILINE), table
+    assert re.search(r"^TimeOut\s+1$", table, re.MULTILINE), table
+    assert f"{M[1]}  offboarded  the offboard action ended TimeOut" in table
+    for fmt in ("markdown", "html"):
+        assert "Succeeded" in report.RENDERERS[fmt](replay)
+
+
+def test_a_machine_sent_again_after_a_result_is_one_row_in_doubt(tmp_path: Path) -> None:
+    path = tmp_path / "run.jsonl"
+    journal = Journal.create(path, header())
+    journal.append(attempt(M[0], 1))
+    journal.append(result(M[0], "failed", 2, http_status=500))
+    journal.append(attempt(M[0], 3, number=2))  # resumed, then killed before the answer
+    journal.close()
+    rendered = list(csv.DictReader(io.StringIO(report.render_csv(replay_file(path)))))
+    assert [(r["machine_id"], r["outcome"], r["attempts"]) for r in rendered] == [
+        (M[0], "in_doubt", "2")
+    ]
+
+
 class _Audit(html.parser.HTMLParser):
     """Collects what would make a page unsafe or not self-contained."""
 

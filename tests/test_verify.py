@@ -9,7 +9,9 @@ are the emulator's ground truth (``truth.calls["machineactions"]``), not verify'
 from __future__ import annotations
 
 import asyncio
+import csv
 import dataclasses
+import io
 import math
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
@@ -20,6 +22,7 @@ import aiohttp
 import orjson
 import pytest
 
+from bulkoffboard import report
 from bulkoffboard.cli import execute, new_plan
 from bulkoffboard.client import MdeClient
 from bulkoffboard.emulator import AppRegistration, EmulatorConfig, EmulatorServer, FleetSpec
@@ -240,6 +243,41 @@ async def test_after_a_real_run_verify_records_online_succeeded_and_offline_pend
     assert sum(summary.statuses.values()) == len(followed)
     assert len(status_records(plan.journal_path)) == summary.recorded == len(followed)
     assert summary.calls == 1 and summary.throttled == 0
+
+
+async def test_after_verify_every_report_format_shows_what_verify_saw(
+    start_emulator: StartEmulator, tmp_path: Path, http_session: aiohttp.ClientSession
+) -> None:
+    """Issue 12: run, let the online devices finish, verify, report: the CSV (and JSONL and
+    JSON) show the status verify saw, not the Pending the results recorded."""
+    server = await start_emulator(emulator_config(60))
+    ids = tmp_path / "ids.txt"
+    ids.write_text("\n".join(server.emulator.machines) + "\n")
+    plan = new_plan(
+        journal_path=tmp_path / "run.jsonl",
+        source={"kind": "file", "path": str(ids), "format": "text"},
+        comment="report after verify",
+        workers=8,
+        limits=LIMITS,
+        conn=connection_for(server),
+    )
+    assert (await execute(plan, connection_for(server))).exit_code == ExitCode.OK
+    await settle()
+    summary = await run_verify(plan.journal_path, client_for(server, http_session))
+    assert summary.statuses["Succeeded"] > 0 and summary.statuses["Pending"] > 0
+
+    truth = {a.machine_id: truth_status(server, a.id) for a in server.emulator.actions.values()}
+    csv_rows = list(csv.DictReader(io.StringIO(report.render_file(plan.journal_path, "csv"))))
+    out = io.StringIO()
+    report.write_file(plan.journal_path, "jsonl", out)
+    jsonl_rows = [orjson.loads(line) for line in out.getvalue().splitlines()]
+    assert len(csv_rows) == len(jsonl_rows) == 60
+    for rows in (csv_rows, jsonl_rows):
+        assert {r["machine_id"]: r["action_status"] for r in rows} == truth
+    seen = {s.at for s in replay_file(plan.journal_path).statuses.values()}
+    assert {r["action_status_at"] for r in csv_rows} == seen
+    data = orjson.loads(report.render_file(plan.journal_path, "json"))
+    assert data["action_statuses"] == dict(summary.statuses)
 
 
 # -- the lifecycle, polled to the end ------------------------------------------------------------
