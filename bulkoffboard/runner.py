@@ -363,7 +363,9 @@ class Runner:
                 # cancellation too, or its place in the windows stays held.
                 async with self._throttle.slot():
                     item.attempts += 1
-                    self._journal.append(
+                    # Durable before the request leaves: a power cut that lost this line
+                    # after the request reached MDE would make resume post it again.
+                    await self._journal.append_durable(
                         {
                             "type": "attempt",
                             "machine_id": machine_id,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tracemalloc
 from pathlib import Path
@@ -378,3 +379,125 @@ def test_a_replay_holds_tens_of_bytes_a_machine_not_records(tmp_path: Path) -> N
         tracemalloc.stop()
     assert len(replay.machines) == 20_000
     assert held / 20_000 < 120, f"{held / 20_000:.0f} bytes a machine"
+
+
+def _attempt(machine: str, number: int = 1) -> dict[str, Any]:
+    return {
+        "type": "attempt",
+        "machine_id": machine,
+        "attempt": number,
+        "at": "2026-11-28T00:00:01.000000Z",
+    }
+
+
+async def test_attempts_appended_in_one_turn_of_the_loop_share_one_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "j.jsonl"
+    journal = Journal.create(path, HEADER)
+    synced: list[int] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.fstat(fd).st_size)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    try:
+        offsets = await asyncio.gather(*(journal.append_durable(_attempt(m)) for m in (A, B, C)))
+        assert synced == [path.stat().st_size], "one fsync covered all three"
+        assert journal.durable_bytes == path.stat().st_size
+        assert offsets == sorted(offsets)
+        await journal.append_durable(_attempt(A, 2))  # a later turn: its own fsync
+        assert len(synced) == 2
+        journal.append(_attempt(B, 2), sync=True)  # a result's sync counts as durable too
+        assert journal.durable_bytes == path.stat().st_size
+    finally:
+        journal.close()
+    assert [r["machine_id"] for r in lines(path)[1:]] == [A, B, C, A, B]
+
+
+async def test_a_failed_fsync_fails_every_waiter_and_the_next_commit_tries_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "j.jsonl"
+    journal = Journal.create(path, HEADER)
+    real = os.fsync
+    failures = [OSError(5, "Input/output error")]
+
+    def fsync(fd: int) -> None:
+        if failures:
+            raise failures.pop()
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    try:
+        outcome = await asyncio.gather(
+            journal.append_durable(_attempt(A)),
+            journal.append_durable(_attempt(B)),
+            return_exceptions=True,
+        )
+        assert all(isinstance(e, JournalError) for e in outcome), outcome
+        assert "cannot sync journal" in str(outcome[0]) and "Input/output" in str(outcome[0])
+        assert journal.durable_bytes < path.stat().st_size
+        await journal.append_durable(_attempt(C))
+        assert journal.durable_bytes == path.stat().st_size
+    finally:
+        journal.close()
+
+
+async def test_a_waiter_cancelled_during_the_commit_leaves_no_stray_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "j.jsonl"
+    journal = Journal.create(path, HEADER)
+
+    def fsync(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    try:
+        waiter = asyncio.ensure_future(journal.append_durable(_attempt(A)))
+        await asyncio.sleep(0)
+        waiter.cancel()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert waiter.cancelled()
+    finally:
+        monkeypatch.undo()
+        journal.close()
+
+
+@pytest.mark.parametrize(
+    ("tail", "kept"),
+    [
+        (b"\0" * 10, 0),  # the new size reached the disk, the data did not
+        (b"\0" * 200_000, 0),  # more zeros than the torn-line window
+        (b'{"type":"attempt","mach' + b"\0" * 30, 0),  # half a line, then zeros
+        (b'{"type":"session","at":"2026-11-28T00:00:02.000000Z"}' + b"\0" * 30, 1),
+    ],
+)
+def test_zeros_a_power_cut_left_at_the_end_are_cut_before_appending(
+    tmp_path: Path, tail: bytes, kept: int
+) -> None:
+    path = tmp_path / "j.jsonl"
+    journal = Journal.create(path, HEADER)
+    journal.append(_attempt(A), sync=True)
+    journal.close()
+    whole = path.read_bytes()
+    path.write_bytes(whole + tail)
+    assert replay_file(path).machines[A].in_doubt  # readable as it is
+    journal, replay = Journal.resume(path)
+    journal.append(_attempt(B))
+    journal.close()
+    records = lines(path)
+    assert [r["type"] for r in records] == ["header", "attempt"] + ["session"] * kept + ["attempt"]
+    assert b"\0" not in path.read_bytes()
+
+
+def test_a_journal_of_zeros_is_refused_not_emptied(tmp_path: Path) -> None:
+    path = tmp_path / "j.jsonl"
+    path.write_bytes(b"\0" * 4096)
+    with pytest.raises(JournalError, match="only zero bytes"):
+        Journal.resume(path)
+    assert path.read_bytes() == b"\0" * 4096
