@@ -50,7 +50,10 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 
+import structlog
 from aiolimiter import AsyncLimiter
+
+log = structlog.get_logger("bulkoffboard.throttle")
 
 #: Sleeps computed here are never shorter than this: a float residue that makes the next
 #: wake-up equal "now" would spin forever under a frozen loop clock (LIBRARY-NOTES.md).
@@ -135,6 +138,13 @@ class SlidingLog:
         own = self._lags[0]
         return self._times[0] + self.reach_s(unanswered_s if math.isnan(own) else own)
 
+    def unanswered_oldest(self) -> float | None:
+        """The grant time of the oldest grant when the window is full and its call is still
+        unanswered (the next grant waits on its answer, or on the answer timeout)."""
+        if len(self._times) < self.limit.calls or not math.isnan(self._lags[0]):
+            return None
+        return self._times[0]
+
     def record(self, at: float, lag_s: float = math.nan) -> None:
         """Count a grant at clock time ``at``; ``lag_s``: how long after ``at`` it arrived at
         the latest, when already known (NaN: unanswered)."""
@@ -198,6 +208,8 @@ class Throttle:
         self.pauses = 0
         self._round_trips: collections.deque[float] = collections.deque(maxlen=256)
         self._max_round_trip_s = 0.0
+        #: The grant whose unanswered call was last logged as holding the others back.
+        self._stuck_logged = float("nan")
 
     def __repr__(self) -> str:
         return (
@@ -214,7 +226,7 @@ class Throttle:
         return max(
             self._paused_until,
             self._last_grant + self._gap_s,
-            *(log.next_free(self.answer_timeout_s) for log in self._logs),
+            *(window.next_free(self.answer_timeout_s) for window in self._logs),
         )
 
     @property
@@ -224,15 +236,16 @@ class Throttle:
 
     def recent_grants(self) -> list[float]:
         """The latest grant times (those of the window log that holds the most)."""
-        return list(max(self._logs, key=lambda log: log.limit.calls).times())
+        return list(max(self._logs, key=lambda window: window.limit.calls).times())
 
     def margins_s(self) -> list[float]:
         """Each window's expected margin, in the order of :attr:`limits`: the floor, or the
         longest recent round trip up to a quarter of the window (an estimate, for ETAs: the
         grants themselves are held for their own round trips)."""
         return [
-            log.reach_s(min(self._max_round_trip_s, log.limit.period_s / 4)) - log.limit.period_s
-            for log in self._logs
+            window.reach_s(min(self._max_round_trip_s, window.limit.period_s / 4))
+            - window.limit.period_s
+            for window in self._logs
         ]
 
     def margin_hint_s(self) -> float:
@@ -251,7 +264,7 @@ class Throttle:
             return
         if granted_at is not None:
             # A grant is answered whatever the figure: a hair below zero is clock noise.
-            freed = [log.observe(granted_at, max(round_trip_s, 0.0)) for log in self._logs]
+            freed = [window.observe(granted_at, max(round_trip_s, 0.0)) for window in self._logs]
             if any(freed):
                 self._changed.set()
         if round_trip_s < 0:
@@ -289,6 +302,7 @@ class Throttle:
                     if self._pacer is None or self._pacer.has_capacity():
                         break
                     wait = _MIN_SLEEP_S  # the bucket's float residue: drains in a moment
+                self._note_stuck(now, wait)
                 self._changed.clear()
                 # Wake at the free time, or early when a pause changes the picture.
                 with contextlib.suppress(TimeoutError):
@@ -298,11 +312,31 @@ class Throttle:
             # Grant times are distinct (a frozen or coarse clock can repeat one): each is the
             # key its caller's answer is filed under (:meth:`observe`).
             now = max(now, math.nextafter(self._last_grant, math.inf))
-            for log in self._logs:
-                log.record(now)
+            for window in self._logs:
+                window.record(now)
             self._last_grant = now
             self.granted += 1
             return now
+
+    def _note_stuck(self, now: float, wait: float) -> None:
+        """Log once, at info, a call still unanswered that holds every other send back: the
+        reason sends pause for up to the answer timeout when a window is full."""
+        next_free = now + wait
+        for window in self._logs:
+            granted = window.unanswered_oldest()
+            if granted is None or granted == self._stuck_logged:
+                continue
+            if window.next_free(self.answer_timeout_s) >= next_free:
+                self._stuck_logged = granted
+                log.info(
+                    "throttle.waiting_on_unanswered_call",
+                    throttle=self.name,
+                    window=str(window.limit),
+                    sent_s_ago=round(now - granted, 3),
+                    holds_until_s=round(wait, 3),
+                    answer_timeout_s=self.answer_timeout_s,
+                )
+                return
 
     def pause(self, seconds: float) -> None:
         """Hold every caller for ``seconds`` from now (a 429's Retry-After)."""
@@ -322,7 +356,7 @@ class Throttle:
         back leaves out of order, and each window keeps only its most recent sends.
         """
         now = self.now()
-        longest = max(self._logs, key=lambda log: log.limit.period_s)
+        longest = max(self._logs, key=lambda window: window.limit.period_s)
         kept: list[tuple[float, float]] = []
         for send in sends:
             at, lag = send if isinstance(send, tuple) else (send, 0.0)
@@ -331,8 +365,8 @@ class Throttle:
                 kept.append((at, lag))
         kept.sort()
         for at, lag in kept:
-            for log in self._logs:
-                log.record(at, lag)
+            for window in self._logs:
+                window.record(at, lag)
         return len(kept)
 
     def ideal_duration_s(self, calls: int) -> float:

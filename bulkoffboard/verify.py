@@ -648,13 +648,13 @@ class Verifier:
         while True:
             if self._stop.is_set():
                 raise _Stopped
-            granted = await self._unless_stopped(self._throttle.acquire())
-            self.summary.calls += 1
             try:
-                try:
+                async with contextlib.AsyncExitStack() as held:
+                    # A stop while waiting for the grant cancels the wait (no grant is made);
+                    # a grant made is answered on the way out, whatever happens.
+                    await self._unless_stopped(held.enter_async_context(self._throttle.slot()))
+                    self.summary.calls += 1
                     return await send()
-                finally:
-                    self._throttle.observe(self._throttle.now() - granted, granted)
             except ThrottledError as exc:
                 self.summary.throttled += 1
                 throttled += 1

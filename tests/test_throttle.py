@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import pytest
+import structlog
+import structlog.testing
 from aiolimiter import AsyncLimiter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -724,6 +726,34 @@ async def test_a_grant_never_answered_holds_its_window_for_the_answer_timeout() 
     throttle = Throttle((Limit(1, 10),), pace_s=0, answer_timeout_s=25)
     first = await throttle.acquire()  # its caller never reports back
     assert await take(throttle) == pytest.approx(first + 35, abs=LATE)
+
+
+@fast_loop_time
+async def test_a_call_holding_the_others_back_until_its_answer_is_logged_once() -> None:
+    """Issue 12: sends that pause on an unanswered call say why (once, at info)."""
+    throttle = Throttle((Limit(1, 10),), pace_s=0, answer_timeout_s=25, name="offboard")
+    with structlog.testing.capture_logs() as logs:
+        first = await throttle.acquire()  # its caller never reports back
+        waiters = [asyncio.create_task(take(throttle)) for _ in range(2)]
+        await asyncio.sleep(1)
+        await asyncio.gather(*waiters)
+    held = [e for e in logs if e["event"] == "throttle.waiting_on_unanswered_call"]
+    assert len(held) == 1, logs
+    assert held[0]["log_level"] == "info"
+    assert held[0]["throttle"] == "offboard" and held[0]["window"] == "1/10"
+    assert held[0]["holds_until_s"] == pytest.approx(35 - (held[0]["sent_s_ago"]), abs=LATE)
+    assert held[0]["answer_timeout_s"] == 25
+    assert waiters[0].result() == pytest.approx(first + 35, abs=LATE)
+
+
+@fast_loop_time
+async def test_an_answered_call_that_fills_the_window_is_not_logged() -> None:
+    throttle = Throttle((Limit(1, 10),), pace_s=0)
+    with structlog.testing.capture_logs() as logs:
+        async with throttle.slot():
+            await asyncio.sleep(0.5)
+        await take(throttle)
+    assert [e for e in logs if e["event"].startswith("throttle.")] == []
 
 
 @fast_loop_time
