@@ -2,7 +2,9 @@
 
 Exit codes (a contract): 0 every machine reached a final outcome and none failed; 1 some failed
 (``resume`` retries them); 2 usage or configuration error, nothing sent; 3 authentication or
-permission failure; 130 interrupted (the journal is consistent and ``resume`` continues).
+permission failure; 130 interrupted (the journal is consistent and ``resume`` continues);
+141 (128 + SIGPIPE) the reader of standard output went away (``report ... | head``), except for a
+``run``, ``resume`` or ``verify`` whose work was done: those keep their own code.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import math
 import os
 import signal
 import ssl
+import stat
 import sys
 import tempfile
 import time
@@ -188,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Offboard devices from Microsoft Defender for Endpoint in bulk: throttled "
         "under the API's limits, journaled, resumable without offboarding twice.",
         epilog="Exit codes: 0 done, 1 some failed (resume retries), 2 usage/configuration, "
-        "3 authentication/permission, 130 interrupted (resume continues).",
+        "3 authentication/permission, 130 interrupted (resume continues), 141 stdout's reader "
+        "went away.",
     )
     parser.add_argument("--version", action="version", version=f"bulkoffboard {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -1043,9 +1047,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = asyncio.run(execute(plan, conn, targets))
     if args.dry_run:
         return int(ExitCode.OK)
-    _print_summary(summary, journal_or_temp, plan.run_id)
+    code = _work_done(args, int(summary.exit_code))
     _write_summary(args, summary.as_dict(), journal_or_temp)
-    return int(summary.exit_code)
+    _print_summary(summary, journal_or_temp, plan.run_id)
+    return code
 
 
 def new_plan(
@@ -1165,9 +1170,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
         }
     )
     summary = asyncio.run(execute(plan, conn))
-    _print_summary(summary, journal_path, plan.run_id)
+    code = _work_done(args, int(summary.exit_code))
     _write_summary(args, summary.as_dict(), journal_path)
-    return int(summary.exit_code)
+    _print_summary(summary, journal_path, plan.run_id)
+    return code
 
 
 #: Roles worth having, with what they are for (mde-api.md sections 2 to 5).
@@ -1316,14 +1322,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
         poll_cap_s=max(args.poll_interval, 900.0),
     )
     summary = asyncio.run(_verify(journal_path, conn, limits, settings))
+    code = _work_done(args, int(summary.exit_code))
     data = summary.as_dict()
+    _write_summary(args, data, journal_path)
     out = sys.stdout
     out.write(f"verify {journal_path}: {data.get('reason')} (exit {summary.exit_code})\n")
     for status, number in sorted((data.get("action_statuses") or {}).items()):
         out.write(f"  {status:<16}{number:>8}\n")
     out.write(f"calls {data.get('calls')}, 429s {data.get('throttled_429')}\n")
-    _write_summary(args, data, journal_path)
-    return int(summary.exit_code)
+    return code
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -1340,14 +1347,39 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 # -- entry point -----------------------------------------------------------------------------------
 
+#: The exit code when the reader of standard output went away: 128 + SIGPIPE, what a Unix tool
+#: killed by SIGPIPE reports (``report ... | head -1``).
+EXIT_STDOUT_CLOSED = 128 + int(signal.SIGPIPE)
+
+
+def _work_done(args: argparse.Namespace, code: int) -> int:
+    """Mark the command's work as done with ``code``: what it writes from here on is only a
+    summary, so a reader of standard output that goes away no longer changes the exit code
+    (:func:`main` keeps ``code``; the journal and the summary file are already written)."""
+    args.work_exit_code = code
+    return code
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code."""
+    """Run the command line; returns the exit code.
+
+    Standard output's reader going away (a broken pipe) is handled here, once: the command
+    stops at its next write (a streamed report renders nothing more), nothing is said, and
+    the exit code is 141, or the code of the work when the command had marked it done
+    (:func:`_work_done`).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     logs.configure(args.log_format, args.log_level)
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # output still buffered meets a closed pipe here, not at exit
+        return code
+    except BrokenPipeError:
+        if not _stdout_is_pipe():
+            raise  # not standard output's reader: a real error
+        _discard_stdout()
+        return int(getattr(args, "work_exit_code", EXIT_STDOUT_CLOSED))
     except AuthError as exc:
         _error(str(exc))
         return ExitCode.AUTH
@@ -1360,6 +1392,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _error("interrupted")
         return ExitCode.INTERRUPTED
+
+
+def _stdout_is_pipe() -> bool:
+    """Whether standard output is a pipe or a socket: the only kinds whose reader can leave."""
+    try:
+        mode = os.fstat(sys.stdout.fileno()).st_mode
+    except (AttributeError, OSError, ValueError):  # no descriptor (a capture): not a pipe
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
+def _discard_stdout() -> None:
+    """Point standard output's file descriptor at /dev/null: what is still buffered for the
+    reader that left goes there, so the interpreter's last flush at exit cannot fail with an
+    "Exception ignored ... BrokenPipeError" (the Python docs' "Note on SIGPIPE")."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
 
 
 def _error(message: str) -> None:
