@@ -91,7 +91,9 @@ _SUFFIX_FORMATS: Final[Mapping[str, str]] = types.MappingProxyType(
     }
 )
 _CSV_DELIMITERS: Final = (",", ";", "\t", "|")
-_CSV_SEP_HINT: Final = re.compile(r"sep=(.)", re.IGNORECASE)
+#: Excel's ``sep=X`` line; matched on the unstripped line, so that a tab (``sep=\t``) is a
+#: delimiter and not trailing white space.
+_CSV_SEP_HINT: Final = re.compile(r"\s*sep=(.)\s*", re.IGNORECASE)
 _JSON_WS: Final = re.compile(r"[ \t\r\n]*")
 _ASCII_WS: Final = b" \t\r\n\f\v"
 #: Control bytes that do not occur in text files (tab, LF, VT, FF and CR do).
@@ -246,7 +248,7 @@ class Deduplicator:
 
 def _open(path: Path) -> io.BufferedReader:
     """Open ``path`` for binary reading; SourceError unless it is a readable regular file."""
-    with contextlib.suppress(OSError):  # open() below names any error properly
+    with contextlib.suppress(OSError, ValueError):  # open() below names any error properly
         # Look before opening: opening a FIFO with no writer would wait forever.
         if stat.S_ISFIFO(path.stat().st_mode):
             raise SourceError(
@@ -262,6 +264,10 @@ def _open(path: Path) -> io.BufferedReader:
         raise SourceError(f"{path}: permission denied") from None
     except OSError as exc:
         raise SourceError(f"{path}: cannot open: {_strerror(exc)}") from None
+    except ValueError:  # a NUL byte in the name (from a hand-edited journal, say)
+        raise SourceError(
+            f"{describe_invalid(str(path), 200)}: cannot open: a NUL byte in the file name"
+        ) from None
     try:
         mode = os.fstat(fh.fileno()).st_mode
     except OSError as exc:
@@ -331,10 +337,14 @@ def _sniff(fh: BinaryIO) -> str:
     if first == b"#":
         return "text"
     text = line.decode("utf-8", "replace")
-    if _CSV_SEP_HINT.fullmatch(text.strip()) is not None:
+    if _CSV_SEP_HINT.fullmatch(text) is not None:
         return "csv"
     for delimiter in _CSV_DELIMITERS:
-        if _id_column(_split_csv_line(text, delimiter)) is not None:
+        try:
+            cells = _split_csv_line(text, delimiter)
+        except csv.Error:
+            continue  # csv cannot split it (a bare CR outside quotes): not a header this way
+        if _id_column(cells) is not None:
             return "csv"
     if first == b'"':
         parsed = _try_orjson(line)
@@ -469,8 +479,20 @@ def _kind(value: Any) -> str:
 
 
 def _dump(value: Any) -> str:
-    """Compact JSON text of a decoded value, for ``raw``."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+    """Compact JSON text of a decoded value, for ``raw``; never fails.
+
+    A value nested close to the recursion limit was parsed (orjson goes 1024 levels deep, and
+    the decoder ran a few frames higher up the stack) but may be too deep for the encoder: it
+    is shown by its kind alone.
+    """
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+    except (RecursionError, ValueError, TypeError):
+        if isinstance(value, list):
+            return "[...]"
+        if isinstance(value, dict):
+            return "{...}"
+        return f"({_kind(value)})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -559,18 +581,44 @@ def _text_records(path: Path, fh: BinaryIO) -> Iterator[SourceRecord]:
 
 
 def _split_csv_line(text: str, delimiter: str) -> list[str]:
-    """The cells of one CSV line."""
-    return next(csv.reader([text], delimiter=delimiter), [])
+    """The cells of one CSV line.
+
+    Raises :class:`csv.Error` when the csv module cannot split it: a carriage return outside
+    quotes (lines are split on LF only), or a ``sep=`` delimiter it refuses (raised as
+    TypeError or ValueError at construction, depending on the Python version).
+    """
+    try:
+        return next(csv.reader([text], delimiter=delimiter), [])
+    except (TypeError, ValueError) as exc:
+        raise csv.Error(str(exc)) from None
+
+
+def _is_stray_cr(exc: csv.Error) -> bool:
+    """True when csv refused a carriage return outside quotes (lines are split on LF only, so
+    that is the only line break csv can see there)."""
+    return str(exc).startswith("new-line character seen in unquoted field")
+
+
+def _csv_problem(exc: csv.Error) -> str:
+    """What :class:`csv.Error` ``exc`` means, in one line and without Python's advice."""
+    if _is_stray_cr(exc):
+        return "a carriage return (CR) inside an unquoted field"
+    return " ".join(str(exc).split()) or "unreadable row"
 
 
 class _CsvFeed:
-    """Feeds decoded lines to :func:`csv.reader`, remembering line numbers and over-long lines."""
+    """Feeds decoded lines to :func:`csv.reader`, remembering line numbers and over-long lines.
 
-    __slots__ = ("_lines", "line", "too_long")
+    ``line`` and ``text`` are the number and text (a preview when over-long) of the last line
+    fed.
+    """
+
+    __slots__ = ("_lines", "line", "text", "too_long")
 
     def __init__(self, lines: Iterator[tuple[int, str | None, str]], line: int) -> None:
         self._lines = lines
         self.line = line
+        self.text = ""
         self.too_long: list[tuple[int, str]] = []
 
     def __iter__(self) -> _CsvFeed:
@@ -580,8 +628,10 @@ class _CsvFeed:
         number, text, preview = next(self._lines)
         self.line = number
         if text is None:
+            self.text = preview
             self.too_long.append((number, preview))
             return "\n"
+        self.text = text
         return text + "\n"
 
 
@@ -603,7 +653,17 @@ def _csv_records(path: Path, fh: BinaryIO) -> Iterator[SourceRecord]:
         except StopIteration:
             return
         except csv.Error as exc:
-            raise SourceError(f"{name}:{feed.line}: malformed CSV: {exc}") from None
+            if not _is_stray_cr(exc):  # a field over csv's limit: a runaway quote, rows lost
+                raise SourceError(
+                    f"{name}:{feed.line}: malformed CSV: {_csv_problem(exc)}"
+                ) from None
+            # A bad row, like a bad line of text: csv drops the rest of the line and goes on.
+            end = feed.line
+            feed.too_long.clear()
+            yield SourceRecord(
+                f"{name}:{end}", _clip(feed.text), None, f"malformed CSV row: {_csv_problem(exc)}"
+            )
+            continue
         start, end = end + 1, feed.line
         if feed.too_long:
             number, preview = feed.too_long[0]
@@ -639,19 +699,27 @@ def _csv_header(
                 f"{path}:{number}: the first row is longer than {MAX_LINE_BYTES} bytes; "
                 "expected a CSV header"
             )
-        stripped = text.strip()
-        if not stripped:
+        if not text.strip():
             continue
-        hint = _CSV_SEP_HINT.fullmatch(stripped)
+        hint = _CSV_SEP_HINT.fullmatch(text)
         if forced is None and hint is not None:
             forced = hint.group(1)
             continue
+        cells: list[str] | None = None  # the first split that worked, to show
+        problem: csv.Error | None = None
         for delimiter in (forced,) if forced is not None else _CSV_DELIMITERS:
-            cells = _split_csv_line(text, delimiter)
-            column = _id_column(cells)
+            try:
+                split = _split_csv_line(text, delimiter)
+            except csv.Error as exc:
+                problem = problem or exc
+                continue
+            column = _id_column(split)
             if column is not None:
-                return number, cells, column, delimiter
-        cells = _split_csv_line(text, forced or ",")
+                return number, split, column, delimiter
+            cells = cells if cells is not None else split
+        if cells is None:
+            reason = _csv_problem(problem) if problem is not None else "unreadable"
+            raise SourceError(f"{path}:{number}: malformed CSV header: {reason}")
         shown = ", ".join(describe_invalid(cell, 40) for cell in cells[:20])
         if len(cells) > 20:
             shown += f", ... ({len(cells)} columns)"
