@@ -2,8 +2,51 @@
 
 Throttled under the API's sliding limits, journaled to JSONL so an interrupted run resumes
 without offboarding a machine twice.
+
+The public API (a contract, like the command line): :func:`run`, :func:`resume` and
+:func:`verify` (async), :func:`report`, and :func:`check` (async); their results
+(:class:`Summary`, :class:`VerifySummary`, :class:`CheckResult`, :class:`ExitCode`); the
+settings a caller may build (:class:`Connection`); the hooks it may pass
+(:class:`RunObserver`); and the error tree rooted at :class:`BulkOffboardError`. See
+:mod:`bulkoffboard.api`.
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+# After __version__: the modules below read it from here.
+from bulkoffboard.api import check, report, resume, run, verify
+from bulkoffboard.config import Connection
+from bulkoffboard.errors import (
+    ApiError,
+    AuthError,
+    BulkOffboardError,
+    JournalError,
+    JournalLockedError,
+    SourceError,
+    UsageError,
+)
+from bulkoffboard.jobs import CheckResult, RunObserver
+from bulkoffboard.runner import ExitCode, Summary
+from bulkoffboard.verify import VerifySummary
+
+__all__ = [
+    "ApiError",
+    "AuthError",
+    "BulkOffboardError",
+    "CheckResult",
+    "Connection",
+    "ExitCode",
+    "JournalError",
+    "JournalLockedError",
+    "RunObserver",
+    "SourceError",
+    "Summary",
+    "UsageError",
+    "VerifySummary",
+    "__version__",
+    "check",
+    "report",
+    "resume",
+    "run",
+    "verify",
+]

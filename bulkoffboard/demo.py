@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bulkoffboard import config
+from bulkoffboard import config, reports
 from bulkoffboard.auth import ClientCredential
 from bulkoffboard.emulator import (
     AppRegistration,
@@ -24,6 +24,8 @@ from bulkoffboard.emulator import (
     FleetSpec,
 )
 from bulkoffboard.emulator.app import ALL_ROLES, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
+from bulkoffboard.jobs import execute, new_plan
+from bulkoffboard.journal import replay_file
 from bulkoffboard.runner import ExitCode
 from bulkoffboard.throttle import Limit
 
@@ -244,9 +246,6 @@ def _write_demo_ids(path: Path, machine_ids: list[str], rng: random.Random) -> i
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the whole product against an in-process emulator and check the ground truth."""
-    from bulkoffboard import report  # noqa: PLC0415
-    from bulkoffboard.cli import execute, new_plan  # noqa: PLC0415 - cli imports this module
-    from bulkoffboard.journal import replay_file  # noqa: PLC0415
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bulkoffboard-demo-")).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -294,7 +293,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             )
 
     code = asyncio.run(demo())
-    sys.stdout.write(report.render_table(replay_file(journal_path)))
+    sys.stdout.write(reports.render_table(replay_file(journal_path)))
     sys.stdout.write(f"journal: {journal_path}\n")
     return code
 

@@ -14,6 +14,7 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -37,6 +38,7 @@ from bulkoffboard.journal import Journal, Replay, iso, utc_now
 from bulkoffboard.models import MachineAction, Outcome
 from bulkoffboard.reads import ReadPolicy, read_with_retries
 from bulkoffboard.sources import Deduplicator, SourceRecord
+from bulkoffboard.targeting import Prepared
 from bulkoffboard.throttle import Throttle
 
 log = structlog.get_logger("bulkoffboard.runner")
@@ -93,6 +95,11 @@ class Summary:
     unprocessed: int = 0
     #: ``run --wait``: what following the actions found.
     waited: dict[str, Any] | None = None
+    #: A dry run's plan (what would be offboarded and skipped, and why); None otherwise.
+    plan: Prepared | None = None
+    #: The run's id and its journal (None for a dry run, which writes none).
+    run_id: str = ""
+    journal_path: Path | None = None
 
     @property
     def total(self) -> int:

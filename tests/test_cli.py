@@ -13,8 +13,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from bulkoffboard.cli import build_parser, main, plan_resume
+from bulkoffboard.cli import build_parser, main
 from bulkoffboard.emulator import EmulatorConfig, EmulatorServer, FleetSpec
+from bulkoffboard.jobs import plan_resume
 from bulkoffboard.journal import replay_file
 from tests.conftest import StartEmulator, env_for
 

@@ -15,10 +15,11 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 
 from bulkoffboard import config
-from bulkoffboard.cli import execute, main, new_plan
+from bulkoffboard.cli import main
 from bulkoffboard.emulator import AppRegistration, EmulatorConfig, EmulatorServer, FleetSpec
 from bulkoffboard.emulator.app import DEFAULT_CLIENT_ID, DEFAULT_IDENTITY_HEADER
 from bulkoffboard.errors import AuthError, UsageError
+from bulkoffboard.jobs import execute, new_plan
 from bulkoffboard.runner import ExitCode
 from bulkoffboard.throttle import Limit
 from tests.conftest import StartEmulator, env_for

@@ -29,7 +29,7 @@ import pytest
 from bulkoffboard.cli import main
 from bulkoffboard.emulator import EmulatorConfig, FleetSpec
 from bulkoffboard.journal import FORMAT_VERSION, TOOL, replay_file
-from bulkoffboard.report import RENDERERS, render_file
+from bulkoffboard.reports import RENDERERS, render_file
 from tests.conftest import StartEmulator, env_for
 
 SIGPIPE_EXIT = 128 + int(signal.SIGPIPE)

@@ -28,9 +28,9 @@ from typing import Any
 
 import pytest
 
-from bulkoffboard.cli import execute, new_plan, plan_resume
 from bulkoffboard.emulator import EmulatorConfig, EmulatorServer, FleetSpec
 from bulkoffboard.emulator.app import DEFAULT_LIMITS as EMULATOR_LIMITS
+from bulkoffboard.jobs import execute, new_plan, plan_resume
 from bulkoffboard.journal import replay_file
 from bulkoffboard.runner import ExitCode
 from bulkoffboard.throttle import Limit

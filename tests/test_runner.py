@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from bulkoffboard import report
-from bulkoffboard.cli import Plan, execute, new_plan, plan_resume
+from bulkoffboard import reports as report
 from bulkoffboard.emulator import AppRegistration, EmulatorConfig, EmulatorServer, Faults, FleetSpec
 from bulkoffboard.errors import AuthError, JournalLockedError
+from bulkoffboard.jobs import Plan, execute, new_plan, plan_resume
 from bulkoffboard.journal import Journal, replay_file
 from bulkoffboard.runner import ExitCode, Summary
 from bulkoffboard.throttle import Limit

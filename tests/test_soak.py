@@ -31,9 +31,9 @@ from typing import Any
 import orjson
 import pytest
 
-from bulkoffboard.cli import Plan, execute, new_plan, plan_resume
 from bulkoffboard.emulator import EmulatorConfig, EmulatorServer, Faults, FleetSpec
 from bulkoffboard.errors import JournalError
+from bulkoffboard.jobs import Plan, execute, new_plan, plan_resume
 from bulkoffboard.journal import replay_file
 from bulkoffboard.runner import ExitCode
 from bulkoffboard.throttle import Limit

@@ -11,9 +11,10 @@ import orjson
 import pytest
 
 from bulkoffboard import targeting
-from bulkoffboard.cli import Plan, Targets, execute, new_plan, plan_resume
+from bulkoffboard.cli import confirm_on_terminal
 from bulkoffboard.emulator import EmulatorConfig, EmulatorServer, FleetSpec
 from bulkoffboard.errors import UsageError
+from bulkoffboard.jobs import Plan, Targets, execute, new_plan, plan_resume
 from bulkoffboard.journal import replay_file
 from bulkoffboard.runner import ExitCode
 from bulkoffboard.throttle import Limit, Throttle
@@ -415,7 +416,7 @@ async def test_on_a_terminal_the_breaker_shows_the_plan_and_asks(
     monkeypatch.setattr("builtins.input", reply)
     request = targeting.Request("file", ids)
     plan = plan_for(server, tmp_path, request)
-    targets = Targets(request=request, max_machines=10, interactive=True)
+    targets = Targets(request=request, max_machines=10, confirm=confirm_on_terminal)
     posts = server.emulator.truth.offboard_posts
     if answer in ("y", " YES\n"):
         summary = await execute(plan, connection_for(server), targets)

@@ -22,12 +22,12 @@ import aiohttp
 import orjson
 import pytest
 
-from bulkoffboard import report
-from bulkoffboard.cli import execute, new_plan
+from bulkoffboard import reports as report
 from bulkoffboard.client import MdeClient
 from bulkoffboard.emulator import AppRegistration, EmulatorConfig, EmulatorServer, FleetSpec
 from bulkoffboard.emulator.app import DEFAULT_LIMITS as EMULATOR_LIMITS
 from bulkoffboard.errors import BadRequestError
+from bulkoffboard.jobs import execute, new_plan
 from bulkoffboard.journal import FORMAT_VERSION, TOOL, Journal, iso, replay_file, utc_now
 from bulkoffboard.models import FINAL_ACTION_STATUSES, MachineAction
 from bulkoffboard.runner import ExitCode

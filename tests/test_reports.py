@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 import pytest
 
-from bulkoffboard import report
+from bulkoffboard import reports as report
 from bulkoffboard.journal import FORMAT_VERSION, TOOL, Journal, Replay, iso, replay_file
 from bulkoffboard.runner import Summary
 from bulkoffboard.throttle import DEFAULT_LIMITS, Limit
