@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -268,3 +270,33 @@ def test_the_package_ships_its_types_and_its_public_names() -> None:
     for name in ("run", "resume", "verify", "report", "check", "UsageError", "ExitCode"):
         assert name in bulkoffboard.__all__
         assert hasattr(bulkoffboard, name)
+
+
+def readme_example() -> str:
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Use from Python") :]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start : section.index("```", start)]
+
+
+async def test_the_readme_example_is_the_checked_file_and_runs(
+    start_emulator: StartEmulator, tmp_path: Path
+) -> None:
+    example = Path(__file__).with_name("example_api.py")
+    text = example.read_text(encoding="utf-8")
+    assert text.endswith(readme_example()), "README and tests/example_api.py differ"
+    server = await start_emulator(emulator_config(5))
+    keep = ("PATH", "HOME", "LANG", "PYTHONPATH", "TMPDIR")
+    env = {k: v for k, v in os.environ.items() if k in keep} | env_for(server)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(example),
+        cwd=tmp_path,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    assert "not_found" in out.decode()  # the example's ids are not in the emulator's fleet
+    assert (tmp_path / "offboard-2026-12-04.jsonl").is_file()
