@@ -302,6 +302,82 @@ async def run(
     """
     file_cfg = load_config(config)
     conn = connect(connection, file_cfg, connection_overrides)
+    return await run_with(
+        file_cfg,
+        conn,
+        ids=ids,
+        journal=journal,
+        comment=comment,
+        limits=limits,
+        margin=margin,
+        workers=workers,
+        ids_format=ids_format,
+        query=query,
+        inactive_days=inactive_days,
+        health=health,
+        os_platforms=os,
+        tag=tag,
+        group=group,
+        names=names,
+        hunting=hunting,
+        exclude_tag=exclude_tag,
+        exclude_group=exclude_group,
+        exclude_id=exclude_id,
+        exclude_name=exclude_name,
+        preflight=preflight,
+        dry_run=dry_run,
+        dry_rows=dry_rows,
+        max_machines=max_machines,
+        yes=yes,
+        wait=wait,
+        wait_deadline=wait_deadline,
+        poll_interval=poll_interval,
+        stop=stop,
+        observer=observer,
+        confirm=confirm,
+        stdin=stdin,
+    )
+
+
+async def run_with(
+    file_cfg: Mapping[str, Any],
+    conn: settings.Connection,
+    *,
+    ids: PathArg | Iterable[str] | None = None,
+    journal: PathArg | None = None,
+    comment: str | None = None,
+    limits: Sequence[str] | None = None,
+    margin: float | None = None,
+    workers: int | None = None,
+    ids_format: str = "auto",
+    query: str | None = None,
+    inactive_days: float | None = None,
+    health: Many | None = None,
+    os_platforms: Many | None = None,
+    tag: Many | None = None,
+    group: Many | None = None,
+    names: PathArg | None = None,
+    hunting: str | None = None,
+    exclude_tag: Many | None = None,
+    exclude_group: Many | None = None,
+    exclude_id: Many | None = None,
+    exclude_name: Many | None = None,
+    preflight: bool = True,
+    dry_run: bool = False,
+    dry_rows: bool = False,
+    max_machines: int | None = None,
+    yes: bool = False,
+    wait: bool = False,
+    wait_deadline: float = 3600.0,
+    poll_interval: float = 60.0,
+    stop: asyncio.Event | None = None,
+    observer: RunObserver | None = None,
+    confirm: Confirm | None = None,
+    stdin: BinaryIO | None = None,
+    header_extra: Mapping[str, Any] | None = None,
+) -> Summary:
+    """:func:`run` with the settings of a config file (``file_cfg``) and a connection already
+    resolved (one tenant of a tenants file); ``header_extra`` goes into the journal header."""
     run_limits = settings.parse_limits(list(limits) if limits else None, file_cfg)
     margin_s = check_margin(margin)
     run_workers = check_workers(workers, file_cfg)
@@ -318,7 +394,7 @@ async def run(
         query=query,
         inactive_days=inactive_days,
         health=health,
-        os_platforms=os,
+        os_platforms=os_platforms,
         tag=tag,
         group=group,
         names=names,
@@ -350,6 +426,7 @@ async def run(
         limits=run_limits,
         conn=conn,
         margin_s=margin_s,
+        header_extra=header_extra,
     )
     plan = _replace(
         plan, wait_deadline_s=wait_deadline if wait else None, wait_poll_s=poll_interval
@@ -385,10 +462,12 @@ async def resume(
     connection_overrides: Mapping[str, Any] | None = None,
     stop: asyncio.Event | None = None,
     observer: RunObserver | None = None,
+    file_settings: Mapping[str, Any] | None = None,
 ) -> Summary:
     """Continue a run from its journal (``bulkoffboard resume``): its source, comment and
-    settings come from the journal; ``limits``, ``workers`` and ``margin`` may override."""
-    file_cfg = load_config(config)
+    settings come from the journal; ``limits``, ``workers`` and ``margin`` may override.
+    ``file_settings``: a config file's settings already read (one tenant's)."""
+    file_cfg = dict(file_settings) if file_settings is not None else load_config(config)
     conn = connect(connection, file_cfg, connection_overrides)
     journal_path = _absolute(journal)
     plan = plan_resume(journal_path, list(limits) if limits else None, workers, file_cfg, margin)
@@ -446,4 +525,4 @@ def report(journal: PathArg, format: ReportFormat = "table") -> str:
     return reports.render_file(Path(journal).expanduser(), format)
 
 
-__all__ = ["check", "connect", "load_config", "report", "resume", "run", "verify"]
+__all__ = ["check", "connect", "load_config", "report", "resume", "run", "run_with", "verify"]

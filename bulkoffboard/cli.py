@@ -23,11 +23,13 @@ from typing import Any, TypeVar
 import orjson
 import structlog
 
-from bulkoffboard import __version__, api, config, logs, reports, targeting
+from bulkoffboard import __version__, api, config, logs, reports, targeting, tenants
 from bulkoffboard.errors import AuthError, BulkOffboardError, JournalError, UsageError
+from bulkoffboard.jobs import RunObserver
 from bulkoffboard.progress import Progress
 from bulkoffboard.runner import ExitCode, Summary
 from bulkoffboard.sources import FORMATS
+from bulkoffboard.verify import VerifySummary
 
 log = structlog.get_logger("bulkoffboard.cli")
 
@@ -99,6 +101,22 @@ def _write_summary(args: argparse.Namespace, data: dict[str, Any], journal: Path
         reports.summary_json(data, Path(path).expanduser(), command=args.command, journal=journal)
     except OSError as exc:
         log.warning("summary_json.failed", path=path, error=exc.strerror)
+
+
+def _add_run_dir(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument(
+        "--run-dir",
+        metavar="DIR",
+        help="a tenants run's directory: <DIR>/<tenant>.jsonl for each tenant (instead of "
+        "--journal)",
+    )
+    parser.add_argument(
+        "--tenant",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="with --run-dir or --tenants: act on this tenant only (repeatable)",
+    )
 
 
 def _add_limits(parser: argparse.ArgumentParser) -> None:
@@ -223,6 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     safety.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     run.add_argument("--journal", metavar="PATH", help="the JSONL journal to create")
+    many = run.add_argument_group("many tenants (an MSSP's multi-tenant app)")
+    many.add_argument(
+        "--tenants",
+        metavar="FILE",
+        help="a tenants file: the same run in each of its tenants, side by side "
+        "(with --run-dir; a tenant's own ids, or the source given here)",
+    )
+    _add_run_dir(many)
     run.add_argument(
         "--wait",
         action="store_true",
@@ -252,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     resume = commands.add_parser("resume", help="continue an interrupted run from its journal")
-    resume.add_argument("--journal", required=True, metavar="PATH")
+    resume.add_argument("--journal", metavar="PATH")
+    _add_run_dir(resume)
     resume.add_argument("--workers", type=int, metavar="N", help="override the run's workers")
     _add_summary_json(resume)
     _add_limits(resume)
@@ -269,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
         "endpoint's own limits) and append 'status' records. Resumable; safe to run every "
         "night on the same journal.",
     )
-    ver.add_argument("--journal", required=True, metavar="PATH")
+    ver.add_argument("--journal", metavar="PATH")
+    _add_run_dir(ver)
     ver.add_argument(
         "--until-final",
         action="store_true",
@@ -308,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check)
 
     rep = commands.add_parser("report", help="summarise a journal")
-    rep.add_argument("--journal", required=True, metavar="PATH")
+    rep.add_argument("--journal", metavar="PATH")
+    _add_run_dir(rep)
     rep.add_argument("--format", choices=sorted(reports.RENDERERS), default="table")
     _add_common(rep)
     rep.set_defaults(func=cmd_report)
@@ -386,16 +415,24 @@ class _ProgressObserver:
     Progress is news, not a warning: at info, so a scheduler's log (and its alerting on
     warnings) sees it only when asked for with ``--log-level info``."""
 
-    def __init__(self, log_format: str, log_level: str) -> None:
+    def __init__(self, log_format: str, log_level: str, *, tenant: str | None = None) -> None:
         self._log_format = log_format
         self._log_level = log_level
+        #: A tenant of a tenants run: named in every event, and never a live bar (the
+        #: tenants' bars would fight over the terminal).
+        self._tenant = tenant
         self._progress: Progress | None = None
 
     def __repr__(self) -> str:
         return f"_ProgressObserver({self._progress!r})"
 
     def run_started(self, total: int | None, eta: Callable[[int], float]) -> None:
-        self._progress = Progress(log_format=self._log_format, eta=eta)
+        self._progress = Progress(
+            log_format=self._log_format,
+            eta=eta,
+            mode="auto" if self._tenant is None else "log",
+            fields={"tenant": self._tenant} if self._tenant is not None else None,
+        )
         self._progress.start(total)
         if self._progress.mode == "rich":
             logs.configure("console", self._log_level, stream=self._progress.log_stream())
@@ -456,6 +493,10 @@ def _with_signals(job: Callable[[asyncio.Event], Awaitable[_T]]) -> _T:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``bulkoffboard run``."""
+    if args.tenants or args.run_dir:
+        return _run_tenants(args)
+    if args.tenant:
+        raise UsageError("--tenant goes with --tenants and --run-dir")
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     observer = _ProgressObserver(args.log_format, args.log_level)
     summary = _with_signals(
@@ -513,6 +554,21 @@ def _finished(args: argparse.Namespace, summary: Summary) -> int:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     """``bulkoffboard resume``."""
+    if _journal_or_run_dir(args) is None:
+        observers = _tenant_observers(args)
+        result = _with_signals(
+            lambda stop: tenants.resume_tenants(
+                args.run_dir,
+                only=args.tenant,
+                limits=args.limit,
+                workers=args.workers,
+                margin=args.margin,
+                connection_overrides=_overrides(args),
+                stop=stop,
+                observers=observers,
+            )
+        )
+        return _tenants_finished(args, result)
     observer = _ProgressObserver(args.log_format, args.log_level)
     summary = _with_signals(
         lambda stop: api.resume(
@@ -531,6 +587,21 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """``bulkoffboard verify``."""
+    if _journal_or_run_dir(args) is None:
+        result = _with_signals(
+            lambda stop: tenants.verify_tenants(
+                args.run_dir,
+                only=args.tenant,
+                connection_overrides=_overrides(args),
+                stop=stop,
+                until_final=args.until_final,
+                max_age=args.max_age,
+                deadline=args.deadline,
+                poll_interval=args.poll_interval,
+                limits=args.limit,
+            )
+        )
+        return _tenants_finished(args, result)
     journal_path = Path(args.journal).expanduser().absolute()
     summary = _with_signals(
         lambda stop: api.verify(
@@ -556,6 +627,115 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return code
 
 
+def _journal_or_run_dir(args: argparse.Namespace) -> Path | None:
+    """``--journal`` (a path) or ``--run-dir`` (None): exactly one of them."""
+    if bool(args.journal) == bool(args.run_dir):
+        raise UsageError("give --journal PATH or --run-dir DIR (a tenants run's directory)")
+    if args.tenant and not args.run_dir:
+        raise UsageError("--tenant goes with --run-dir")
+    return Path(args.journal).expanduser().absolute() if args.journal else None
+
+
+def _tenant_observers(args: argparse.Namespace) -> tenants.Observers:
+    """Each tenant's progress: ``progress`` events naming the tenant (every 30 s at info)."""
+
+    def observer(name: str) -> RunObserver:
+        return _ProgressObserver(args.log_format, args.log_level, tenant=name)
+
+    return observer
+
+
+def _run_tenants(args: argparse.Namespace) -> int:
+    """``run --tenants FILE --run-dir DIR``: the same run in every tenant, side by side."""
+    if not (args.tenants and args.run_dir):
+        raise UsageError("--tenants FILE and --run-dir DIR go together")
+    if args.journal or args.ids:
+        raise UsageError(
+            "with --tenants, each tenant's journal is <run-dir>/<tenant>.jsonl and its ids "
+            "come from the tenants file: drop --journal and --ids"
+        )
+    observers = _tenant_observers(args)
+    result = _with_signals(
+        lambda stop: tenants.run_tenants(
+            args.tenants,
+            args.run_dir,
+            only=args.tenant,
+            query=args.query,
+            inactive_days=args.inactive_days,
+            health=args.health,
+            os_platforms=args.os,
+            tag=args.tag,
+            group=args.group,
+            names=args.names,
+            hunting=args.hunting,
+            connection_overrides=_overrides(args),
+            stop=stop,
+            observers=observers,
+            comment=args.comment,
+            limits=args.limit,
+            margin=args.margin,
+            workers=args.workers,
+            ids_format=args.ids_format,
+            exclude_tag=args.exclude_tag,
+            exclude_group=args.exclude_group,
+            exclude_id=args.exclude_id,
+            exclude_name=args.exclude_name,
+            preflight=not args.no_preflight,
+            dry_run=args.dry_run,
+            dry_rows=args.format != "table",
+            max_machines=args.max_machines,
+            yes=args.yes,
+            wait=args.wait,
+            wait_deadline=args.wait_deadline,
+            poll_interval=args.poll_interval,
+        )
+    )
+    if args.dry_run:
+        for tenant in result.tenants:
+            sys.stdout.write(f"tenant {tenant.name}:\n")
+            plan = tenant.summary.plan if isinstance(tenant.summary, Summary) else None
+            if plan is not None:
+                _print_plan(plan, args.format)
+            else:
+                sys.stdout.write(f"  {tenant.reason} (exit {int(tenant.exit_code)})\n")
+        return int(result.exit_code)
+    return _tenants_finished(args, result)
+
+
+def _tenants_finished(args: argparse.Namespace, result: tenants.TenantsSummary) -> int:
+    """The end of a tenants run, resume or verify: the summary file (one summary a tenant
+    and the totals), then a row a tenant and the total."""
+    code = _work_done(args, int(result.exit_code))
+    data = result.as_dict()
+    path = getattr(args, "summary_json", None)
+    if path:
+        try:
+            reports.summary_json(data, Path(path).expanduser(), command=args.command)
+        except OSError as exc:
+            log.warning("summary_json.failed", path=path, error=exc.strerror)
+    out = sys.stdout
+    out.write(f"{args.command} {result.run_dir}: {len(result.tenants)} tenants (exit {code})\n")
+    out.write(f"  {'tenant':<20}{'machines':>10}{'exit':>6}  reason\n")
+    for tenant in result.tenants:
+        summary = tenant.summary
+        machines = (
+            sum(n for n in summary.counts.values() if n)
+            if isinstance(summary, Summary)
+            else sum(summary.statuses.values())
+            if isinstance(summary, VerifySummary)
+            else 0
+        )
+        out.write(
+            f"  {tenant.name:<20}{machines:>10}{int(tenant.exit_code):>6}  "
+            f"{logs.redact_text(tenant.reason)}\n"
+        )
+    for outcome, number in sorted(result.counts.items()):
+        out.write(f"  {'total ' + outcome:<20}{number:>10}\n")
+    if result.exit_code in (ExitCode.SOME_FAILED, ExitCode.INTERRUPTED) and args.command == "run":
+        out.write(f"continue with: bulkoffboard resume --run-dir {result.run_dir}\n")
+    return code
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     """``bulkoffboard check``."""
     result = asyncio.run(api.check(config=args.config, connection_overrides=_overrides(args)))
@@ -569,6 +749,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """``bulkoffboard report``."""
+    if _journal_or_run_dir(args) is None:
+        run_dir = Path(args.run_dir).expanduser().absolute()
+        journals = tenants.journals_of(run_dir, args.tenant)
+        reports.write_run_dir(run_dir, journals, args.format, sys.stdout)
+        return 0
     reports.write_file(Path(args.journal).expanduser(), args.format, sys.stdout)
     return 0
 

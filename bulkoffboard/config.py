@@ -11,6 +11,7 @@ Nothing here touches the network or logs a secret.
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
 import urllib.parse
 from collections.abc import Mapping
@@ -112,45 +113,141 @@ class Connection:
     cloud: str = "commercial"
 
 
-def load_file(path: Path) -> dict[str, Any]:
-    """Read and check a TOML config file; unknown keys and wrong types name the key and file."""
+def _read_toml(path: Path, what: str) -> dict[str, Any]:
     try:
         with path.open("rb") as handle:
-            data = tomllib.load(handle)
+            return tomllib.load(handle)
     except FileNotFoundError:
-        raise UsageError(f"config file {path} does not exist") from None
+        raise UsageError(f"{what} {path} does not exist") from None
     except OSError as exc:
-        raise UsageError(f"cannot read config file {path}: {exc.strerror}") from None
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"config file {path}: {exc}") from None
+        raise UsageError(f"{what} {path}: {exc}") from None
+
+
+def load_file(path: Path) -> dict[str, Any]:
+    """Read and check a TOML config file; unknown keys and wrong types name the key and file."""
+    return check_settings(_read_toml(path, "config file"), f"config file {path}")
+
+
+def check_settings(
+    data: dict[str, Any], where: str, extra: Mapping[str, type] | None = None
+) -> dict[str, Any]:
+    """Check config-file settings (``extra``: more keys allowed there); ``where`` names the
+    place in every message. Returns ``data``, its limits parsed."""
     for key, value in data.items():
-        expected = FILE_KEYS.get(key)
+        expected = FILE_KEYS.get(key) or (extra or {}).get(key)
         if expected is None:
-            raise UsageError(
-                f"config file {path}: unknown key {key!r} (known: {', '.join(sorted(FILE_KEYS))})"
-            )
+            known = ", ".join(sorted([*FILE_KEYS, *(extra or {})]))
+            raise UsageError(f"{where}: unknown key {key!r} (known: {known})")
         if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
             name = expected.__name__ if isinstance(expected, type) else "value"
-            raise UsageError(f"config file {path}: key {key!r} must be a {name}, not {value!r}")
+            raise UsageError(f"{where}: key {key!r} must be a {name}, not {value!r}")
     if "limits" in data:
-        data["limits"] = [
-            _limit(item, f"config file {path}: key 'limits'") for item in data["limits"]
-        ]
+        data["limits"] = [_limit(item, f"{where}: key 'limits'") for item in data["limits"]]
     if "workers" in data and not 1 <= data["workers"] <= 256:
-        raise UsageError(f"config file {path}: key 'workers' must be 1 to 256")
+        raise UsageError(f"{where}: key 'workers' must be 1 to 256")
     for key in ("exclude_tags", "exclude_groups", "exclude_ids", "exclude_names"):
         if key in data and not all(isinstance(v, str | int) for v in data[key]):
-            raise UsageError(f"config file {path}: key {key!r} must be a list of strings")
+            raise UsageError(f"{where}: key {key!r} must be a list of strings")
     for key in ("cloud", "credential"):
         allowed = CLOUDS if key == "cloud" else CREDENTIALS
         if key in data and data[key].replace("-", "_") not in {
             a.replace("-", "_") for a in allowed
         }:
             raise UsageError(
-                f"config file {path}: key {key!r} must be one of {', '.join(allowed)}, "
-                f"not {data[key]!r}"
+                f"{where}: key {key!r} must be one of {', '.join(allowed)}, not {data[key]!r}"
             )
     return data
+
+
+#: A tenant's name in a tenants file: its journal is ``<run dir>/<name>.jsonl``.
+TENANT_NAME = re.compile(r"[a-z0-9_-]{1,64}")
+#: Connection keys of a tenants file, with the environment variables a tenant's own value
+#: overrides (a tenants file is more specific than the environment).
+_TENANT_OVERRIDES: dict[str, tuple[str, ...]] = {
+    "tenant_id": ("AZURE_TENANT_ID",),
+    "client_id": ("AZURE_CLIENT_ID",),
+    "cloud": ("BULKOFFBOARD_CLOUD",),
+    "region": ("BULKOFFBOARD_REGION",),
+    "credential": ("BULKOFFBOARD_CREDENTIAL",),
+    "api_url": ("BULKOFFBOARD_API_URL",),
+    "authority_host": ("AZURE_AUTHORITY_HOST",),
+    "scope": ("BULKOFFBOARD_SCOPE",),
+    "ca_bundle": ("BULKOFFBOARD_CA_BUNDLE",),
+    "client_secret_file": ("AZURE_CLIENT_SECRET", "BULKOFFBOARD_CLIENT_SECRET_FILE"),
+    "certificate_path": (
+        "AZURE_CLIENT_SECRET",
+        "BULKOFFBOARD_CLIENT_SECRET_FILE",
+        "AZURE_CLIENT_CERTIFICATE_PATH",
+        "AZURE_CLIENT_CERTIFICATE_PASSWORD",
+    ),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class TenantSettings:
+    """One ``[[tenant]]`` of a tenants file: its name, its settings (the ``[defaults]``
+    overridden by its own keys, as a config file's) and its own id source, if any."""
+
+    name: str
+    settings: Mapping[str, Any]
+    ids: Path | None = None
+
+    def environment(self, env: Mapping[str, str]) -> dict[str, str]:
+        """``env`` without the variables this tenant's own settings override (its
+        ``tenant_id`` over ``AZURE_TENANT_ID``; its own secret file or certificate over the
+        app's ``AZURE_CLIENT_SECRET``; ...)."""
+        dropped = {name for key in self.settings for name in _TENANT_OVERRIDES.get(key, ())}
+        return {k: v for k, v in env.items() if k not in dropped}
+
+
+def load_tenants(path: Path) -> tuple[TenantSettings, ...]:
+    """Read and check a tenants file: ``[defaults]`` (any config-file key, for every tenant)
+    and ``[[tenant]]`` tables (``name``, unique, ``[a-z0-9_-]+``; ``tenant_id``; optional
+    ``ids``, relative to the file; any config-file key overriding the defaults). Secrets never
+    go in it: the app's is ``AZURE_CLIENT_SECRET``, or a tenant's own ``client_secret_file``
+    or certificate. Every problem names the file and the tenant."""
+    data = _read_toml(path, "tenants file")
+    unknown = sorted(set(data) - {"defaults", "tenant"})
+    if unknown:
+        raise UsageError(
+            f"tenants file {path}: unknown table {unknown[0]!r} (known: defaults, tenant)"
+        )
+    defaults = data.get("defaults", {})
+    if not isinstance(defaults, dict):
+        raise UsageError(f"tenants file {path}: [defaults] must be a table")
+    defaults = check_settings(dict(defaults), f"tenants file {path} [defaults]")
+    entries = data.get("tenant", [])
+    if not isinstance(entries, list) or not entries:
+        raise UsageError(f"tenants file {path}: no [[tenant]] tables")
+    tenants: list[TenantSettings] = []
+    seen: set[str] = set()
+    for number, entry in enumerate(entries, start=1):
+        if not isinstance(entry, dict):
+            raise UsageError(f"tenants file {path}: tenant {number} must be a table")
+        name = entry.get("name")
+        if not isinstance(name, str) or TENANT_NAME.fullmatch(name) is None:
+            raise UsageError(
+                f"tenants file {path}: tenant {number} needs a name of 1 to 64 characters "
+                f"a-z 0-9 _ - (got {name!r})"
+            )
+        if name in seen:
+            raise UsageError(f"tenants file {path}: tenant name {name!r} is used twice")
+        seen.add(name)
+        where = f"tenants file {path} tenant {name!r}"
+        own = dict(entry)
+        del own["name"]
+        ids_value = own.pop("ids", None)
+        if ids_value is not None and (not isinstance(ids_value, str) or not ids_value.strip()):
+            raise UsageError(f"{where}: key 'ids' must be a path")
+        own = check_settings(own, where)
+        settings = {**defaults, **own}
+        if not isinstance(settings.get("tenant_id"), str) or not settings["tenant_id"].strip():
+            raise UsageError(f"{where}: needs a tenant_id")
+        ids = (path.parent / Path(ids_value).expanduser()).absolute() if ids_value else None
+        tenants.append(TenantSettings(name, settings, ids))
+    return tuple(tenants)
 
 
 def _limit(item: Any, where: str) -> Limit:

@@ -148,7 +148,7 @@ def _ssl_for(conn: config.Connection) -> ssl.SSLContext | bool:
     return True
 
 
-def check_workers(value: int | None, file_cfg: dict[str, Any], default: int = 8) -> int:
+def check_workers(value: int | None, file_cfg: Mapping[str, Any], default: int = 8) -> int:
     """``--workers`` (or the config's ``workers``), checked."""
     workers = value if value is not None else int(file_cfg.get("workers", default))
     if not 1 <= workers <= 256:
@@ -595,9 +595,11 @@ def new_plan(
     limits: tuple[Limit, ...],
     conn: config.Connection,
     margin_s: float | None = None,
+    header_extra: Mapping[str, Any] | None = None,
 ) -> Plan:
     """A fresh run: a new run id and the journal header that records everything resume needs
-    (never a secret)."""
+    (never a secret); ``header_extra``: more header fields (a tenant's name and run
+    directory)."""
     source_path = Path(str(source["path"]))
     run_id = str(uuid.uuid4())
     header = {
@@ -617,6 +619,7 @@ def new_plan(
         "tenant_id": conn.tenant_id,
         "client_id": conn.client_id,
         **({"margin_s": margin_s} if margin_s is not None else {}),
+        **(header_extra or {}),
     }
     return Plan(
         journal_path,

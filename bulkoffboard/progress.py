@@ -19,7 +19,7 @@ import collections
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TextIO
 
@@ -225,6 +225,7 @@ class Progress:
         rate_window_s: float = 60.0,
         description: str = "offboarding",
         log_level: str = "info",
+        fields: Mapping[str, Any] | None = None,
     ) -> None:
         self._stream = stream if stream is not None else sys.stderr
         self.mode: Literal["rich", "log", "off"] = (
@@ -236,6 +237,8 @@ class Progress:
         self._rate_window_s = rate_window_s
         self._description = description
         self._log_level = log_level
+        #: Added to every event (a tenant's name).
+        self._fields = dict(fields or {})
         self.total: int | None = None
         self.done = 0
         self.counts: collections.Counter[str] = collections.Counter()
@@ -340,7 +343,7 @@ class Progress:
         if not force and now - self._last_emit < self.interval_s:
             return
         self._last_emit = now
-        fields = self.snapshot().as_fields()
+        fields = self._fields | self.snapshot().as_fields()
         if final:
             fields["final"] = True
         log.log(_LEVELS[self._log_level], event, **fields)

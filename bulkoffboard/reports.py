@@ -773,21 +773,38 @@ def render_html(replay: Replay, *, timeline: Timeline | None = None) -> str:
     per trailing hour against the hour limit, and the machines that need attention. Every
     journaled value is escaped; the page is also well-formed XML. ``timeline`` as for
     :func:`render_markdown`."""
-    timeline = timeline if timeline is not None else timeline_from_replay(replay)
-    limits = _limits(replay)
-    info = summary(replay)
-    run_id = _h(info["run"].get("run_id"))
+    run_id = _h(replay.run_id)
+    body = [f'<h1>bulkoffboard report</h1><p class="muted">run {run_id}</p>']
+    body += _html_sections(replay, timeline)
+    return _html_page(f"bulkoffboard report {run_id}", body)
+
+
+def _html_page(title: str, body: list[str]) -> str:
+    """A whole page around ``body`` (escaped HTML already), with the report's inline CSS."""
     out = [
         "<!DOCTYPE html>",
         '<html lang="en">',
         "<head>",
         '<meta charset="utf-8"/>',
         '<meta name="viewport" content="width=device-width, initial-scale=1"/>',
-        f"<title>bulkoffboard report {run_id}</title>",
+        f"<title>{title}</title>",
         f"<style>{_CSS}</style>",
         "</head>",
         "<body>",
-        f'<h1>bulkoffboard report</h1><p class="muted">run {run_id}</p>',
+        *body,
+        "</body>",
+        "</html>",
+    ]
+    return "\n".join(out) + "\n"
+
+
+def _html_sections(replay: Replay, timeline: Timeline | None = None) -> list[str]:
+    """The report of one run, below its title: the run's facts, outcomes, action statuses,
+    the call charts, attention and rejected input (headings from ``<h2>``)."""
+    timeline = timeline if timeline is not None else timeline_from_replay(replay)
+    limits = _limits(replay)
+    info = summary(replay)
+    out = [
         _html_table(
             [("", "run"), ("", "")],
             (
@@ -897,8 +914,7 @@ def render_html(replay: Replay, *, timeline: Timeline | None = None) -> str:
             out.append(
                 f'<p class="muted">... and {len(rejected) - _HTML_ATTENTION_ROWS:,} more.</p>'
             )
-    out += ["</body>", "</html>"]
-    return "\n".join(out) + "\n"
+    return out
 
 
 def _status_class(status: Any) -> str:
@@ -924,6 +940,140 @@ def write_file(path: Path, fmt: str, out: TextIO) -> None:
         write_jsonl(out, rows(replay_file(path)))
     else:
         out.write(render_file(path, fmt))
+
+
+# -- a run directory: many tenants ------------------------------------------------------------
+
+#: Outcome columns of the per-tenant table (the rest are summed in ``other``).
+_TENANT_COLUMNS = ("offboarded", "already_pending", "failed")
+
+
+def _tenant_row(replay: Replay) -> dict[str, int]:
+    tally = counts(replay)
+    row = {name: tally.get(name, 0) for name in _TENANT_COLUMNS}
+    row["other"] = sum(n for k, n in tally.items() if k not in _TENANT_COLUMNS)
+    row["in_doubt"] = len(replay.in_doubt())
+    row["total"] = sum(tally.values())
+    return row
+
+
+def _run_dir_rows(
+    replays: Sequence[tuple[str, Replay]],
+) -> tuple[list[tuple[str, dict[str, int]]], dict[str, int]]:
+    rows_ = [(name, _tenant_row(replay)) for name, replay in replays]
+    total: collections.Counter[str] = collections.Counter()
+    for _, row in rows_:
+        total.update(row)
+    keys = (*_TENANT_COLUMNS, "other", "in_doubt", "total")
+    return rows_, {k: total.get(k, 0) for k in keys}
+
+
+def render_run_dir(run_dir: Path, journals: Sequence[tuple[str, Path]], fmt: str) -> str:
+    """A report over the tenants' journals of a run directory (``journals``: tenant name and
+    journal, in order): a row a tenant and a total (table), ``tenant`` as the first CSV
+    column, ``tenants`` and ``total`` in JSON, a section a tenant in Markdown and HTML."""
+    out = io.StringIO()
+    write_run_dir(run_dir, journals, fmt, out)
+    return out.getvalue()
+
+
+def write_run_dir(
+    run_dir: Path, journals: Sequence[tuple[str, Path]], fmt: str, out: TextIO
+) -> None:
+    """:func:`render_run_dir` written to ``out``; CSV and JSON Lines stream a row at a time."""
+    if fmt == "csv":
+        write_csv(
+            out,
+            ("tenant", *CSV_COLUMNS),
+            ({"tenant": name} | row for name, path in journals for row in rows(replay_file(path))),
+        )
+        return
+    if fmt == "jsonl":
+        write_jsonl(
+            out,
+            ({"tenant": name} | row for name, path in journals for row in rows(replay_file(path))),
+        )
+        return
+    replays = [(name, replay_file(path)) for name, path in journals]
+    tenant_rows, total = _run_dir_rows(replays)
+    if fmt == "json":
+        statuses: collections.Counter[str] = collections.Counter()
+        tenants: dict[str, Any] = {}
+        for name, replay in replays:
+            tenants[name] = orjson.loads(render_json(replay))
+            statuses.update(tenants[name]["action_statuses"])
+        document = {
+            "run_dir": str(run_dir),
+            "tenants": tenants,
+            "total": {
+                "tenants": len(replays),
+                "counts": dict(
+                    sum((collections.Counter(counts(r)) for _, r in replays), collections.Counter())
+                ),
+                "total": total["total"],
+                "in_doubt": total["in_doubt"],
+                "action_statuses": dict(statuses),
+                "attention": sum(t["attention"] for t in tenants.values()),
+            },
+        }
+        out.write(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    if fmt == "markdown":
+        lines = [f"# bulkoffboard report: run directory {_md(run_dir)}", ""]
+        lines += _md_tenant_table(tenant_rows, total)
+        for name, path in journals:
+            lines += ["", f"## Tenant {_md(name)}", ""]
+            single = render_markdown(replay_file(path), timeline=timeline_from_file(path))
+            lines += ["#" + line if line.startswith("#") else line for line in single.splitlines()]
+        out.write("\n".join(lines) + "\n")
+        return
+    if fmt == "html":
+        body = [
+            "<h1>bulkoffboard report</h1>",
+            f'<p class="muted">run directory {_h(run_dir)}, {len(replays):,} tenants</p>',
+            _html_tenant_table(tenant_rows, total),
+        ]
+        for name, path in journals:
+            replay = replay_file(path)
+            body.append(f'<section id="tenant-{_h(name)}"><h2>Tenant {_h(name)}</h2>')
+            body += [
+                part.replace("<h2>", "<h3>").replace("</h2>", "</h3>")
+                for part in _html_sections(replay, timeline_from_file(path))
+            ]
+            body.append("</section>")
+        out.write(_html_page(f"bulkoffboard report {_h(run_dir)}", body))
+        return
+    # table
+    head = f"{'tenant':<20}" + "".join(
+        f"{k:>17}" for k in (*_TENANT_COLUMNS, "other", "in doubt", "total")
+    )
+    lines = [f"run directory {run_dir}: {len(replays)} tenants", "", head]
+    for name, row in [*tenant_rows, ("total", total)]:
+        lines.append(f"{name:<20}" + "".join(f"{v:>17}" for v in row.values()))
+    out.write("\n".join(lines) + "\n")
+
+
+def _md_tenant_table(
+    tenant_rows: list[tuple[str, dict[str, int]]], total: dict[str, int]
+) -> list[str]:
+    keys = (*_TENANT_COLUMNS, "other", "in doubt", "total")
+    lines = ["| tenant | " + " | ".join(keys) + " |", "|---" + "|---:" * len(keys) + "|"]
+    for name, row in tenant_rows:
+        lines.append(f"| {_md(name)} | " + " | ".join(f"{v:,}" for v in row.values()) + " |")
+    lines.append("| **total** | " + " | ".join(f"**{v:,}**" for v in total.values()) + " |")
+    return lines
+
+
+def _html_tenant_table(tenant_rows: list[tuple[str, dict[str, int]]], total: dict[str, int]) -> str:
+    keys = (*_TENANT_COLUMNS, "other", "in doubt", "total")
+    return _html_table(
+        [("", "tenant"), *(("n", k) for k in keys)],
+        (
+            [("", _h(name)), *(("n", f"{v:,}") for v in row.values())]
+            for name, row in [*tenant_rows, ("total", total)]
+        ),
+        total=True,
+    )
 
 
 # -- the summary file --------------------------------------------------------------------------
