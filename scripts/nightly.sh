@@ -16,10 +16,14 @@
 #                                  1000; empty for no cap)
 #   BULKOFFBOARD_VERIFY_LAST       journals to verify, newest first, tonight's included (default 7)
 #   BULKOFFBOARD_VERIFY_MAX_AGE    verify --max-age DAYS          (default 14)
+#   BULKOFFBOARD_TENANTS           a tenants file (README "MSSP: many tenants"): every night
+#                                  runs in each of its tenants, side by side (default: none,
+#                                  one tenant from the AZURE_* settings)
 #
 # Each night gets JOURNAL_DIR/YYYY-MM-DD/offboard.jsonl, with run.summary.json and
-# verify.summary.json (--summary-json) beside it. Run again the same day, it resumes that
-# journal instead (unless its run already ended with exit 0).
+# verify.summary.json (--summary-json) beside it; with BULKOFFBOARD_TENANTS, the night's folder
+# is the run directory: one journal a tenant (JOURNAL_DIR/YYYY-MM-DD/<tenant>.jsonl). Run again
+# the same day, it resumes the night instead (unless its run already ended with exit 0).
 #
 # Exit codes: 0 all good; 1 some machines failed or some verify found problems (the journals
 # say which: `bulkoffboard report --journal ... --format html`); 2 configuration or a journal
@@ -54,6 +58,7 @@ inactive_days=${BULKOFFBOARD_INACTIVE_DAYS:-30}
 verify_last=${BULKOFFBOARD_VERIFY_LAST:-7}
 verify_max_age=${BULKOFFBOARD_VERIFY_MAX_AGE:-14}
 max_machines=${BULKOFFBOARD_MAX_MACHINES-1000}
+tenants=${BULKOFFBOARD_TENANTS:-}
 today=${BULKOFFBOARD_DATE:-$(date +%F)}  # BULKOFFBOARD_DATE: for tests and catch-up runs
 
 for number in "$inactive_days" "$verify_last" "$verify_max_age" ${max_machines:+"$max_machines"}; do
@@ -64,6 +69,10 @@ for number in "$inactive_days" "$verify_last" "$verify_max_age" ${max_machines:+
 done
 if [[ ! $today =~ ^[0-9]{4}-[0-9]{2}-[0-9]{2}$ ]]; then
     log "error: BULKOFFBOARD_DATE must be YYYY-MM-DD, not '$today'"
+    exit 2
+fi
+if [[ -n $tenants && ! -r $tenants ]]; then
+    log "error: cannot read the tenants file $tenants"
     exit 2
 fi
 if ! command -v "$bin" >/dev/null 2>&1; then
@@ -118,34 +127,46 @@ run_child() {
 night_dir="$journal_dir/$today"
 journal="$night_dir/offboard.jsonl"
 mkdir -p "$night_dir"
+# What a night's journals are called, and how a command names them.
+if [[ -n $tenants ]]; then
+    target=(--run-dir "$night_dir")
+    started="$night_dir/tenants.toml"
+else
+    target=(--journal "$journal")
+    started="$journal"
+fi
 
 run_rc=0
-if [[ -s $journal ]]; then
-    if [[ -f $night_dir/run.summary.json ]] && grep -q '"exit_code": *0[,}]*$' "$night_dir/run.summary.json"; then
-        log "tonight's run already finished: $journal"
+if [[ -s $started ]]; then
+    # The whole run's exit code is the summary's top-level one (two spaces in).
+    if [[ -f $night_dir/run.summary.json ]] && grep -q '^  "exit_code": *0,\?$' "$night_dir/run.summary.json"; then
+        log "tonight's run already finished: ${target[*]}"
     else
-        log "resuming $journal"
-        run_child "$bin" resume --journal "$journal" --log-format json \
+        log "resuming ${target[*]}"
+        run_child "$bin" resume "${target[@]}" --log-format json \
             --summary-json "$night_dir/run.summary.json" || run_rc=$?
     fi
 else
     # No --yes: it would lift the --max-machines cap, the one guard against a night that
-    # suddenly wants to offboard the whole fleet.
-    args=(run --inactive-days "$inactive_days" --journal "$journal" --log-format json
+    # suddenly wants to offboard the whole fleet (in each tenant, with a tenants file).
+    args=(run --inactive-days "$inactive_days" "${target[@]}" --log-format json
         --summary-json "$night_dir/run.summary.json")
+    if [[ -n $tenants ]]; then
+        args+=(--tenants "$tenants")
+    fi
     if [[ -n $max_machines ]]; then
         args+=(--max-machines "$max_machines")
     fi
     if [[ -n ${BULKOFFBOARD_COMMENT:-} ]]; then
         args+=(--comment "$BULKOFFBOARD_COMMENT")
     fi
-    log "offboarding machines inactive for $inactive_days days into $journal"
+    log "offboarding machines inactive for $inactive_days days into ${target[*]}"
     run_child "$bin" "${args[@]}" || run_rc=$?
 fi
 
 case $run_rc in
 0) log "run: done" ;;
-1) log "run: some machines failed (tomorrow's run tries them again; resume now with: $bin resume --journal $journal)" ;;
+1) log "run: some machines failed (tomorrow's run tries them again; resume now with: $bin resume ${target[*]})" ;;
 130)
     log "run: stopped; the journal is consistent and the next run resumes it"
     exit 130
@@ -164,19 +185,27 @@ if ((stopping)); then
     exit 130
 fi
 
-# Verify the newest journals, tonight's first. Dated folder names sort by date.
+# Verify the newest nights, tonight's first. Dated folder names sort by date. A night is its
+# journal, or with a tenants file its run directory (the folder holding tenants.toml).
 verify_rc=0
 journals=()
+marker=offboard.jsonl
+[[ -n $tenants ]] && marker=tenants.toml
 while IFS= read -r found; do
     journals+=("$found")
 done < <(
-    find "$journal_dir" -mindepth 2 -maxdepth 2 -name offboard.jsonl -size +0 -print |
+    find "$journal_dir" -mindepth 2 -maxdepth 2 -name "$marker" -size +0 -print |
         sort -r | head -n "$verify_last"
 )
 for each in ${journals[@]+"${journals[@]}"}; do
     rc=0
-    log "verifying $each"
-    run_child "$bin" verify --journal "$each" --max-age "$verify_max_age" --log-format json \
+    if [[ -n $tenants ]]; then
+        night=(--run-dir "$(dirname "$each")")
+    else
+        night=(--journal "$each")
+    fi
+    log "verifying ${night[*]}"
+    run_child "$bin" verify "${night[@]}" --max-age "$verify_max_age" --log-format json \
         --summary-json "$(dirname "$each")/verify.summary.json" || rc=$?
     case $rc in
     0) ;;

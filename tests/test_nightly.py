@@ -29,10 +29,11 @@ printf '%s\n' "$*" >>"$FAKE_LOG"
 [[ -n ${AZURE_CLIENT_SECRET:-} ]] && echo "secret-present" >>"$FAKE_LOG"
 command=$1
 shift
-journal="" summary=""
+journal="" summary="" run_dir=""
 while (($#)); do
     case $1 in
     --journal) journal=$2; shift ;;
+    --run-dir) run_dir=$2; journal=$2/tenants.toml; shift ;;
     --summary-json) summary=$2; shift ;;
     esac
     shift
@@ -40,7 +41,11 @@ done
 rc=0
 case $command in
 run | resume)
-    [[ $command == run ]] && printf '{"type":"header"}\n' >"$journal"
+    if [[ $command == run && -n $run_dir ]]; then
+        printf '[[tenant]]\n' >"$journal"
+    elif [[ $command == run ]]; then
+        printf '{"type":"header"}\n' >"$journal"
+    fi
     rc=${FAKE_RUN_RC:-0}
     if [[ -n ${FAKE_SLEEP:-} ]]; then
         sleep "$FAKE_SLEEP" &
@@ -122,8 +127,12 @@ def verified(night: Night) -> list[str]:
     for call in night.calls():
         if call.startswith("verify "):
             match = re.search(r"--journal (\S+)", call)
+            if match is not None:
+                found.append(Path(match.group(1)).parent.name)
+                continue
+            match = re.search(r"--run-dir (\S+)", call)
             assert match is not None
-            found.append(Path(match.group(1)).parent.name)
+            found.append(Path(match.group(1)).name)
     return found
 
 
@@ -223,6 +232,55 @@ def test_a_second_start_the_same_day_resumes_or_skips_the_run(night: Night) -> N
     assert third.returncode == 0
     assert [c.split()[0] for c in night.calls()][4:] == ["verify"]
     assert "already finished" in third.stderr
+
+
+def test_with_a_tenants_file_each_night_is_a_run_directory_of_every_tenant(
+    night: Night,
+) -> None:
+    tenants = night.tmp / "tenants.toml"
+    tenants.write_text('[[tenant]]\nname = "contoso"\ntenant_id = "t"\n')
+    night.env_file.write_text(
+        night.env_file.read_text() + f"export BULKOFFBOARD_TENANTS={tenants}\n"
+    )
+    old = night.journals / "2026-11-27"
+    old.mkdir(parents=True)
+    (old / "tenants.toml").write_text("[[tenant]]\n")
+    night.old_journal("2026-11-26")  # a single-tenant night: not a run directory
+
+    done = night.run(FAKE_RUN_RC="1")
+
+    assert done.returncode == 1, done.stderr
+    run_dir = night.journals / TODAY
+    assert night.calls()[0] == (
+        f"run --inactive-days 30 --run-dir {run_dir} --log-format json --summary-json "
+        f"{run_dir / 'run.summary.json'} --tenants {tenants} --max-machines 1000"
+    )
+    assert verified(night) == [TODAY, "2026-11-27"]
+    assert f"resume now with: {night.fake} resume --run-dir {run_dir}" in done.stderr
+    again = night.run()
+    assert again.returncode == 0, again.stderr
+    assert night.calls()[3].startswith(f"resume --run-dir {run_dir} ")
+
+
+def test_a_night_is_finished_only_when_its_whole_run_exited_0(night: Night) -> None:
+    """A tenants summary holds each tenant's exit code too: only the top-level one counts."""
+    assert night.run(FAKE_RUN_RC="1").returncode == 1
+    summary = night.journals / TODAY / "run.summary.json"
+    summary.write_text(
+        '{\n  "exit_code": 1,\n  "tenants": {\n    "a": {\n      "exit_code": 0,\n'
+        '      "reason": "completed"\n    }\n  }\n}\n'
+    )
+    again = night.run()
+    assert [c.split()[0] for c in night.calls()][2] == "resume", again.stderr
+
+
+def test_an_unreadable_tenants_file_exits_2_before_anything_runs(night: Night) -> None:
+    night.env_file.write_text(
+        night.env_file.read_text() + f"export BULKOFFBOARD_TENANTS={night.tmp / 'none.toml'}\n"
+    )
+    done = night.run()
+    assert done.returncode == 2 and "cannot read the tenants file" in done.stderr
+    assert night.calls() == []
 
 
 def test_settings_and_the_env_file_are_checked_before_anything_runs(night: Night) -> None:
