@@ -26,7 +26,7 @@ import structlog
 from bulkoffboard import __version__, api, config, logs, reports, targeting, tenants
 from bulkoffboard.errors import AuthError, BulkOffboardError, JournalError, UsageError
 from bulkoffboard.jobs import RunObserver
-from bulkoffboard.progress import Progress
+from bulkoffboard.progress import Progress, TenantBoard, choose_mode
 from bulkoffboard.runner import ExitCode, Summary
 from bulkoffboard.sources import FORMATS
 from bulkoffboard.verify import VerifySummary
@@ -415,23 +415,34 @@ class _ProgressObserver:
     Progress is news, not a warning: at info, so a scheduler's log (and its alerting on
     warnings) sees it only when asked for with ``--log-level info``."""
 
-    def __init__(self, log_format: str, log_level: str, *, tenant: str | None = None) -> None:
+    def __init__(
+        self,
+        log_format: str,
+        log_level: str,
+        *,
+        tenant: str | None = None,
+        board: TenantBoard | None = None,
+    ) -> None:
         self._log_format = log_format
         self._log_level = log_level
-        #: A tenant of a tenants run: named in every event, and never a live bar (the
-        #: tenants' bars would fight over the terminal).
+        #: A tenant of a tenants run: named in every event; on a terminal, one line of the
+        #: ``board`` (one display for every tenant: their own bars would fight over it).
         self._tenant = tenant
+        self._board = board
         self._progress: Progress | None = None
 
     def __repr__(self) -> str:
         return f"_ProgressObserver({self._progress!r})"
 
     def run_started(self, total: int | None, eta: Callable[[int], float]) -> None:
+        tenant = self._tenant
         self._progress = Progress(
             log_format=self._log_format,
             eta=eta,
-            mode="auto" if self._tenant is None else "log",
-            fields={"tenant": self._tenant} if self._tenant is not None else None,
+            mode="auto" if tenant is None else "rich" if self._board is not None else "log",
+            fields={"tenant": tenant} if tenant is not None else None,
+            description=tenant or "offboarding",
+            board=self._board,
         )
         self._progress.start(total)
         if self._progress.mode == "rich":
@@ -446,7 +457,7 @@ class _ProgressObserver:
         if progress is None:
             return
         progress.stop()
-        if progress.mode == "rich":
+        if progress.mode == "rich" and (self._board is None or not self._board.active):
             logs.configure(self._log_format, self._log_level)
 
 
@@ -637,10 +648,12 @@ def _journal_or_run_dir(args: argparse.Namespace) -> Path | None:
 
 
 def _tenant_observers(args: argparse.Namespace) -> tenants.Observers:
-    """Each tenant's progress: ``progress`` events naming the tenant (every 30 s at info)."""
+    """Each tenant's progress: on a terminal a line a running tenant and the total (one
+    board); otherwise ``progress`` events naming the tenant (every 30 s at info)."""
+    board = TenantBoard() if choose_mode(sys.stderr, args.log_format) == "rich" else None
 
     def observer(name: str) -> RunObserver:
-        return _ProgressObserver(args.log_format, args.log_level, tenant=name)
+        return _ProgressObserver(args.log_format, args.log_level, tenant=name, board=board)
 
     return observer
 

@@ -226,6 +226,7 @@ class Progress:
         description: str = "offboarding",
         log_level: str = "info",
         fields: Mapping[str, Any] | None = None,
+        board: TenantBoard | None = None,
     ) -> None:
         self._stream = stream if stream is not None else sys.stderr
         self.mode: Literal["rich", "log", "off"] = (
@@ -239,6 +240,9 @@ class Progress:
         self._log_level = log_level
         #: Added to every event (a tenant's name).
         self._fields = dict(fields or {})
+        #: The shared display of a tenants run (rich mode: this is one line of it).
+        self._board = board
+        self._eta_s: float | None = None
         self.total: int | None = None
         self.done = 0
         self.counts: collections.Counter[str] = collections.Counter()
@@ -256,6 +260,11 @@ class Progress:
             f"Progress(mode={self.mode!r}, done={self.done}, total={self.total}, "
             f"running={self._started is not None})"
         )
+
+    @property
+    def eta_s(self) -> float | None:
+        """The ETA last shown on the bar (rich mode), in seconds."""
+        return self._eta_s
 
     # -- the runner's side ---------------------------------------------------------------------
 
@@ -294,7 +303,13 @@ class Progress:
         """Stop the display; the log mode emits a last ``progress`` event with ``final``."""
         if self._started is None:
             return
-        if self._bar is not None:
+        if self._bar is not None and self._board is not None:
+            self._refresh_rich(force_eta=True)
+            self._bar.remove_task(self._task)  # a line a tenant while it runs
+            self._board.detach(self)
+            self._bar = None
+            self._console = None
+        elif self._bar is not None:
             self._refresh_rich(force_eta=True)
             self._bar.stop()
             self._bar = None
@@ -351,28 +366,13 @@ class Progress:
     # -- rich mode -----------------------------------------------------------------------------
 
     def _start_rich(self) -> None:
-        from rich.console import Console  # noqa: PLC0415 - rich loads only on a terminal
-        from rich.progress import (  # noqa: PLC0415
-            BarColumn,
-            MofNCompleteColumn,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-        from rich.progress import Progress as RichProgress  # noqa: PLC0415
-
-        self._console = Console(file=self._stream, force_terminal=True)
-        self._bar = RichProgress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]}"),
-            TextColumn("ETA {task.fields[eta]}"),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[counts]}"),
-            console=self._console,
-            refresh_per_second=2,
-            transient=False,
-        )
+        if self._board is not None:
+            self._bar, self._console = self._board.attach(self)
+            self._task = self._bar.add_task(
+                self._description, total=self.total, rate="-", eta="-", counts=""
+            )
+            return
+        self._bar, self._console = _rich_bar(self._stream)
         self._task = self._bar.add_task(
             self._description, total=self.total, rate="-", eta="-", counts=""
         )
@@ -383,6 +383,7 @@ class Progress:
         if force_eta or now - self._eta_at >= 1.0:  # the ETA simulation at most once a second
             self._eta_at = now
             snap = self.snapshot()
+            self._eta_s = snap.eta_s
             self._eta_text = format_duration(snap.eta_s)
             rate = f"{snap.rate_per_s * 60:.0f}/min"
         else:
@@ -392,6 +393,90 @@ class Progress:
         if rate is not None:
             fields["rate"] = rate
         self._bar.update(self._task, completed=self.done, total=self.total, **fields)
+        if self._board is not None:
+            self._board.refresh()
+
+
+def _rich_bar(stream: TextIO) -> tuple[Any, Any]:
+    """A rich progress display on ``stream`` (a terminal) and its console."""
+    from rich.console import Console  # noqa: PLC0415 - rich loads only on a terminal
+    from rich.progress import (  # noqa: PLC0415
+        BarColumn,
+        MofNCompleteColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+    from rich.progress import Progress as RichProgress  # noqa: PLC0415
+
+    console = Console(file=stream, force_terminal=True)
+    bar = RichProgress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TextColumn("ETA {task.fields[eta]}"),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[counts]}"),
+        console=console,
+        refresh_per_second=2,
+        transient=False,
+    )
+    return bar, console
+
+
+class TenantBoard:
+    """One terminal display for a tenants run: a line a tenant while it runs (a
+    :class:`Progress` made with ``board=``), and the total of every tenant, whose ETA is the
+    longest of theirs (they run side by side)."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self._stream = stream if stream is not None else sys.stderr
+        self._bar: Any = None
+        self._console: Any = None
+        self._task: Any = None
+        self._members: list[Progress] = []
+        #: Done and total of the tenants that finished already.
+        self._done = 0
+        self._total = 0
+
+    def __repr__(self) -> str:
+        return f"TenantBoard(active={len(self._members)}, done={self._done})"
+
+    @property
+    def active(self) -> int:
+        """Tenants shown now."""
+        return len(self._members)
+
+    def attach(self, member: Progress) -> tuple[Any, Any]:
+        """A tenant starts: the shared bar (started with the first) and its console."""
+        if self._bar is None:
+            self._bar, self._console = _rich_bar(self._stream)
+            self._task = self._bar.add_task("total", total=0, rate="", eta="-", counts="")
+            self._bar.start()
+        self._members.append(member)
+        return self._bar, self._console
+
+    def detach(self, member: Progress) -> None:
+        """A tenant ended: its numbers stay in the total; the last one stops the display."""
+        self._members.remove(member)
+        self._done += member.done
+        self._total += member.total or member.done
+        self.refresh()
+        if not self._members and self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+    def refresh(self) -> None:
+        """Update the total line."""
+        if self._bar is None:
+            return
+        done = self._done + sum(m.done for m in self._members)
+        total = self._total + sum(m.total or m.done for m in self._members)
+        etas = [m.eta_s for m in self._members if m.eta_s is not None]
+        eta = format_duration(max(etas)) if etas else "-"
+        running = f"{len(self._members)} tenants running" if self._members else "done"
+        self._bar.update(self._task, completed=done, total=total, eta=eta, counts=running)
+
 
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
@@ -401,6 +486,7 @@ __all__ = [
     "Progress",
     "ProgressSnapshot",
     "ScheduleSource",
+    "TenantBoard",
     "choose_mode",
     "format_duration",
     "schedule_eta_s",

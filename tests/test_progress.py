@@ -10,6 +10,7 @@ import structlog
 
 from bulkoffboard.progress import (
     Progress,
+    TenantBoard,
     choose_mode,
     format_duration,
     schedule_eta_s,
@@ -238,3 +239,28 @@ def test_on_a_terminal_a_rich_bar_shows_done_total_and_logs_go_above_it() -> Non
     assert "not_found 1" in shown and "offboarded 2" in shown
     assert not [e for e in logs if e["event"] == "progress"], "no log events on a terminal"
     assert progress.log_stream() is terminal  # after stop, logs go straight through
+
+
+def test_a_tenants_board_shows_a_line_a_running_tenant_and_the_total() -> None:
+    terminal = Terminal()
+    clock = FakeClock()
+    board = TenantBoard(stream=terminal)
+    contoso = Progress(stream=terminal, clock=clock, description="contoso", board=board)
+    fabrikam = Progress(stream=terminal, clock=clock, description="fabrikam", board=board)
+    contoso.start(4)
+    fabrikam.start(6)
+    assert board.active == 2
+    for _ in range(4):
+        clock.now += 1
+        contoso.advance("offboarded")
+    fabrikam.advance("not_found")
+    contoso.stop()  # its line leaves the board, its numbers stay in the total
+    assert board.active == 1
+    fabrikam.log_stream().write("a log line\n")
+    fabrikam.stop()
+    assert board.active == 0
+    shown = terminal.getvalue()
+    assert "contoso" in shown and "fabrikam" in shown and "total" in shown
+    assert "5/10" in shown, "the total counts both tenants"
+    assert "a log line" in shown
+    assert fabrikam.log_stream() is terminal
