@@ -478,7 +478,6 @@ class TenantBoard:
         self._bar.update(self._task, completed=done, total=total, eta=eta, counts=running)
 
 
-
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 
 
