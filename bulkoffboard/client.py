@@ -7,7 +7,8 @@ import math
 import ssl
 import time
 import urllib.parse
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Literal
 
 import aiohttp
 import orjson
@@ -27,7 +28,13 @@ from bulkoffboard.errors import (
     UnsupportedError,
     UsageError,
 )
-from bulkoffboard.models import MachineAction, normalize_machine_id
+from bulkoffboard.models import (
+    MAX_TAG_BATCH,
+    MachineAction,
+    describe_invalid,
+    normalize_action_id,
+    normalize_machine_id,
+)
 
 log = structlog.get_logger("bulkoffboard.client")
 
@@ -36,6 +43,8 @@ MAX_RETRY_AFTER_S = 3600.0
 #: Used when a 429 carries no Retry-After.
 DEFAULT_RETRY_AFTER_S = 10.0
 _UNSUPPORTED_CODES = frozenset({"OsPlatformNotSupported", "ClientVersionNotSupported"})
+#: What the tag endpoints accept as ``Action`` (mde-api.md section 5b).
+TagAction = Literal["Add", "Remove"]
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float:
@@ -110,6 +119,14 @@ def _odata_params(filter_: str | None, top: int | None, skip: int | None) -> dic
     if skip:
         params["$skip"] = str(skip)
     return params
+
+
+def _check_tag(tag: str, action: str) -> None:
+    """Refuse what the tag endpoints would refuse (mde-api.md section 5b), before sending."""
+    if action not in ("Add", "Remove"):
+        raise ValueError(f"tag action must be 'Add' or 'Remove', not {describe_invalid(action)}")
+    if not tag.strip():
+        raise ValueError("a tag must not be empty")
 
 
 class MdeClient:
@@ -193,6 +210,79 @@ class MdeClient:
         if not isinstance(body, dict):
             raise ServerError(f"{what}: success without a machine action body", status=200)
         return MachineAction.from_api(body)
+
+    async def cancel_action(self, action_id: str, comment: str) -> MachineAction:
+        """``POST /api/machineactions/{id}/cancel``: the cancelled action (mde-api.md section
+        3). Only an action not yet final can be cancelled; a final one is refused (a
+        BadRequestError, its code unconfirmed)."""
+        normalized = normalize_action_id(action_id)
+        if normalized is None:
+            raise ValueError(f"not a machine action id: {describe_invalid(action_id)}")
+        what = f"cancel machine action {normalized}"
+        _, body = await self._call(
+            "POST",
+            f"/api/machineactions/{normalized}/cancel",
+            what=what,
+            json={"Comment": comment},
+        )
+        if not isinstance(body, dict):
+            raise ServerError(f"{what}: success without a machine action body", status=200)
+        return MachineAction.from_api(body)
+
+    async def tag_machine(
+        self, machine_id: str, tag: str, action: TagAction = "Add"
+    ) -> dict[str, Any]:
+        """``POST /api/machines/{id}/tags``: add or remove one tag; the updated Machine."""
+        normalized = normalize_machine_id(machine_id)
+        if normalized is None:
+            raise ValueError(f"not a machine id: {describe_invalid(machine_id)}")
+        _check_tag(tag, action)
+        what = f"{action.lower()} tag on {normalized}"
+        _, body = await self._call(
+            "POST",
+            f"/api/machines/{normalized}/tags",
+            what=what,
+            machine_id=normalized,
+            json={"Value": tag, "Action": action},
+        )
+        if not isinstance(body, dict):
+            raise ServerError(f"{what}: success without a machine body", status=200)
+        return body
+
+    async def tag_machines(
+        self, machine_ids: Iterable[str], tag: str, action: TagAction = "Add"
+    ) -> list[dict[str, Any]]:
+        """``POST /api/machines/AddOrRemoveTagForMultipleMachines`` for at most 500 distinct
+        machine ids; the machines the reply lists as updated.
+
+        The reply's shape is unconfirmed (mde-api.md section 5b): an OData collection
+        (``value``) or a bare list are both read; anything else gives an empty list, so read
+        the machines back when it matters. Every id is checked before anything is sent.
+        """
+        normalized: dict[str, None] = {}
+        for machine_id in machine_ids:
+            checked = normalize_machine_id(machine_id)
+            if checked is None:
+                raise ValueError(f"not a machine id: {describe_invalid(machine_id)}")
+            normalized[checked] = None
+        if not normalized:
+            raise ValueError("no machine ids to tag")
+        if len(normalized) > MAX_TAG_BATCH:
+            raise ValueError(
+                f"{len(normalized)} machine ids in one tag call; the API takes at most "
+                f"{MAX_TAG_BATCH}"
+            )
+        _check_tag(tag, action)
+        _, body = await self._call(
+            "POST",
+            "/api/machines/AddOrRemoveTagForMultipleMachines",
+            what=f"{action.lower()} tag on {len(normalized)} machines",
+            json={"Value": tag, "Action": action, "MachineIds": list(normalized)},
+        )
+        values = body.get("value") if isinstance(body, dict) else body
+        if not isinstance(values, list):
+            return []
+        return [v for v in values if isinstance(v, dict)]
 
     async def list_machine_actions(
         self, filter_: str | None = None, *, top: int | None = None, skip: int | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import random
 import signal
 import sys
@@ -22,8 +23,10 @@ from bulkoffboard.emulator import (
     EmulatorServer,
     Faults,
     FleetSpec,
+    extra_tenants,
 )
 from bulkoffboard.emulator.app import ALL_ROLES, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
+from bulkoffboard.errors import UsageError
 from bulkoffboard.jobs import execute, new_plan
 from bulkoffboard.journal import replay_file
 from bulkoffboard.runner import ExitCode
@@ -168,6 +171,14 @@ def add_commands(commands: Any, add_common: Callable[[argparse.ArgumentParser], 
         help="serve plain HTTP (tokens then cannot be had through msal)",
     )
     emulate.add_argument("--tenant-id", default=EmulatorConfig().tenant_id)
+    emulate.add_argument(
+        "--tenants",
+        type=int,
+        default=1,
+        metavar="N",
+        help="serve N tenants (the first is --tenant-id), each with its own fleet, actions and "
+        "windows; one app, consented in each (default %(default)s)",
+    )
     emulate.add_argument("--client-id", default=DEFAULT_CLIENT_ID)
     emulate.add_argument("--client-secret", default=DEFAULT_CLIENT_SECRET)
     emulate.add_argument(
@@ -203,7 +214,13 @@ def cmd_emulate(args: argparse.Namespace) -> int:
         secret=args.client_secret,
         roles=tuple(r.strip() for r in args.roles.split(",") if r.strip()),
     )
-    emulator = Emulator(_emulator_config(args, tenant_id=args.tenant_id, apps=(app,)))
+    if args.tenants < 1:
+        raise UsageError(f"--tenants must be 1 or more, not {args.tenants}")
+    emulator_config = _emulator_config(args, tenant_id=args.tenant_id, apps=(app,))
+    emulator_config = dataclasses.replace(
+        emulator_config, tenants=extra_tenants(args.tenants - 1, emulator_config.fleet)
+    )
+    emulator = Emulator(emulator_config)
     if args.write_ids:
         Path(args.write_ids).write_text("\n".join(emulator.machines) + "\n", encoding="utf-8")
     ca_path = Path(args.ca_out).absolute() if args.ca_out else None
@@ -222,6 +239,9 @@ def cmd_emulate(args: argparse.Namespace) -> int:
             if ca_path is not None:
                 out.write(f"export BULKOFFBOARD_CA_BUNDLE={ca_path}\n")
             out.write("(AZURE_CLIENT_SECRET is the --client-secret value)\n")
+            if len(emulator.tenant_ids) > 1:
+                for number, tenant_id in enumerate(emulator.tenant_ids, start=1):
+                    out.write(f"tenant {number}: {tenant_id}\n")
             out.flush()
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()

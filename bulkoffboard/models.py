@@ -23,6 +23,26 @@ def normalize_machine_id(value: str) -> str | None:
     return candidate.lower()
 
 
+#: A machine action id is a GUID (mde-api.md section 3). Checked before it goes into a URL.
+_ACTION_ID = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
+
+#: At most this many machine ids in one bulk tag call (mde-api.md section 5b).
+MAX_TAG_BATCH = 500
+
+
+def normalize_action_id(value: str) -> str | None:
+    """Return ``value`` as a lower-case GUID machine action id, or None when it is not one.
+
+    Surrounding white space is tolerated; braces, URNs and anything else are refused.
+    """
+    candidate = value.strip()
+    if _ACTION_ID.fullmatch(candidate) is None:
+        return None
+    return candidate.lower()
+
+
 def describe_invalid(value: str, limit: int = 60) -> str:
     """A short, printable rendering of a rejected value for one-line error messages."""
     shown = value if len(value) <= limit else value[:limit] + "..."

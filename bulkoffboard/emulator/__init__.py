@@ -5,7 +5,9 @@ from bulkoffboard.emulator.app import (
     Emulator,
     EmulatorConfig,
     Faults,
+    TenantSpec,
     Truth,
+    extra_tenants,
 )
 from bulkoffboard.emulator.fleet import FleetSpec
 from bulkoffboard.emulator.server import EmulatorServer
@@ -17,5 +19,7 @@ __all__ = [
     "EmulatorServer",
     "Faults",
     "FleetSpec",
+    "TenantSpec",
     "Truth",
+    "extra_tenants",
 ]

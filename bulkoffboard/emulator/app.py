@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import dataclasses
 import hashlib
 import hmac
 import math
@@ -50,21 +51,44 @@ ALL_ROLES = (
     "Machine.ReadWrite.All",
     "AdvancedQuery.Read.All",
 )
-#: Endpoint groups, each with its own windows per client (mde-api.md sections 2 to 5).
+#: Endpoint groups, each with its own windows per tenant and client (mde-api.md sections 2 to
+#: 5b): cancel and the two tag endpoints state their own 100/min and 1,500/h. Whether those are
+#: separate buckets or one shared across endpoints is UNCONFIRMED (mde-api.md section 6); the
+#: emulator keeps one per group, as the docs state them per API page.
 DEFAULT_LIMITS: dict[str, tuple[tuple[int, float], ...]] = {
     "offboard": ((100, 60.0), (1500, 3600.0)),
     "machineactions": ((100, 60.0), (1500, 3600.0)),
+    "cancel": ((100, 60.0), (1500, 3600.0)),
     "machines": ((100, 60.0), (1500, 3600.0)),
+    "tags": ((100, 60.0), (1500, 3600.0)),
     "advancedqueries": ((45, 60.0), (1500, 3600.0)),
 }
 #: Roles that open each group (any one suffices).
 GROUP_ROLES: dict[str, tuple[str, ...]] = {
     "offboard": ("Machine.Offboard",),
     "machineactions": ("Machine.Read.All", "Machine.ReadWrite.All"),
-    "cancel": ("Machine.Offboard", "Machine.ReadWrite.All"),
+    # Cancel takes the permission of any response action, Machine.Offboard among them
+    # (mde-api.md section 3; the cancel-machine-action page lists these seven and not
+    # Machine.ReadWrite.All, so a read-write token is refused).
+    "cancel": (
+        "Machine.CollectForensics",
+        "Machine.Isolate",
+        "Machine.RestrictExecution",
+        "Machine.Scan",
+        "Machine.Offboard",
+        "Machine.StopAndQuarantine",
+        "Machine.LiveResponse",
+    ),
     "machines": ("Machine.Read.All", "Machine.ReadWrite.All"),
+    "tags": ("Machine.ReadWrite.All",),  # mde-api.md section 5b
     "advancedqueries": ("AdvancedQuery.Read.All",),
 }
+#: At most 500 machine ids in one AddOrRemoveTagForMultipleMachines call (mde-api.md 5b).
+MAX_TAG_BATCH = 500
+#: Longest tag accepted. UNCONFIRMED (mde-api.md section 5b: no documented maximum; the notes
+#: suggest printable characters and at most 200 of them, so the emulator refuses more).
+MAX_TAG_LENGTH = 200
+TAG_ACTIONS = ("Add", "Remove")
 MACHINE_FILTER_PROPERTIES = (
     "computerDnsName",
     "id",
@@ -121,6 +145,43 @@ class Faults:
 
 
 @dataclass(frozen=True, slots=True)
+class TenantSpec:
+    """One more tenant served by the same emulator, besides ``EmulatorConfig.tenant_id``.
+
+    It has its own fleet, machine actions, rate windows and ground truth; everything else
+    (time scale, limits, lifecycle, fault knobs) is the emulator's. The apps default to the
+    first tenant's: one multi-tenant app registration, same client id and secret, consented
+    in each tenant.
+    """
+
+    tenant_id: str
+    fleet: FleetSpec = field(default_factory=FleetSpec)
+    apps: tuple[AppRegistration, ...] | None = None
+    #: Seeds the tenant's machine action ids (None: derived from the emulator's seed).
+    seed: int | None = None
+
+
+def tenant_id_for(number: int) -> str:
+    """The deterministic tenant id of the ``number``-th extra tenant (2, 3, ...)."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"bulkoffboard-emulator-tenant-{number}"))
+
+
+def extra_tenants(count: int, fleet: FleetSpec | None = None) -> tuple[TenantSpec, ...]:
+    """``count`` more tenants, numbered 2 onwards, each with a fleet like ``fleet`` but its own
+    seed (so machine ids never collide) and domain ``tN.contoso.com``."""
+    base = fleet or FleetSpec()
+    return tuple(
+        TenantSpec(
+            tenant_id=tenant_id_for(number),
+            fleet=dataclasses.replace(
+                base, seed=base.seed + 1000 * number, domain=f"t{number}.{base.domain}"
+            ),
+        )
+        for number in range(2, count + 2)
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class EmulatorConfig:
     """Everything that shapes one emulator. Defaults play the documented tenant."""
 
@@ -151,10 +212,15 @@ class EmulatorConfig:
     fleet: FleetSpec = field(default_factory=FleetSpec)
     faults: Faults = field(default_factory=Faults)
     seed: int = 1
+    #: More tenants on the same port (see TenantSpec and extra_tenants); ``tenant_id`` stays
+    #: the first one, served exactly as when it is alone.
+    tenants: tuple[TenantSpec, ...] = ()
 
     def windows(self, group: str) -> tuple[tuple[int, float], ...]:
-        """The scaled windows of an endpoint group."""
-        return tuple((calls, period * self.time_scale) for calls, period in self.limits[group])
+        """The scaled windows of an endpoint group (the documented ones when ``limits`` does
+        not name the group)."""
+        limits = self.limits.get(group, DEFAULT_LIMITS[group])
+        return tuple((calls, period * self.time_scale) for calls, period in limits)
 
 
 @dataclass(slots=True)
@@ -196,6 +262,15 @@ class Truth:
     #: Every token issued, so tests can grep outputs for them (not served over HTTP).
     tokens: list[str] = field(default_factory=list, repr=False)
     faults_injected: collections.Counter[str] = field(default_factory=collections.Counter)
+    #: Cancel POSTs that arrived (authenticated), per action id as given in the path.
+    cancel_posts: collections.Counter[str] = field(default_factory=collections.Counter)
+    #: Actions cancelled through the API, per machine id.
+    actions_cancelled: collections.Counter[str] = field(default_factory=collections.Counter)
+    #: Tag POSTs that arrived (authenticated): ``"single"`` and ``"bulk"``.
+    tag_posts: collections.Counter[str] = field(default_factory=collections.Counter)
+    #: Tag operations applied (no-ops included: adding a tag already there, removing one that
+    #: is not), per machine id; a bulk call counts once for each machine it tagged.
+    tag_operations: collections.Counter[str] = field(default_factory=collections.Counter)
 
     def as_json(self) -> dict[str, Any]:
         """A JSON-friendly copy."""
@@ -209,6 +284,10 @@ class Truth:
             "tokens_issued": self.tokens_issued,
             "posts_after_action": dict(self.posts_after_action),
             "faults_injected": dict(self.faults_injected),
+            "cancel_posts": dict(self.cancel_posts),
+            "actions_cancelled": dict(self.actions_cancelled),
+            "tag_posts": dict(self.tag_posts),
+            "tag_operations": dict(self.tag_operations),
         }
 
 
@@ -247,20 +326,40 @@ def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(data), content_type="application/json")
 
 
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_TenantHandler = Callable[["Emulator", web.Request], Awaitable[web.StreamResponse]]
+
+
 class Emulator:
-    """State and handlers of one emulated tenant. ``build_app()`` gives the web app."""
+    """State and handlers of one emulated tenant. ``build_app()`` gives the web app.
+
+    With ``config.tenants`` it also serves more tenants on the same app: each is an Emulator
+    of its own (``tenant(tid)``: fleet, actions, windows, truth) sharing this one's clock and
+    token signing key; an MDE call is served by the tenant its token's ``tid`` names.
+    """
 
     def __init__(
-        self, config: EmulatorConfig | None = None, *, clock: Callable[[], float] | None = None
+        self,
+        config: EmulatorConfig | None = None,
+        *,
+        clock: Callable[[], float] | None = None,
+        parent: Emulator | None = None,
     ) -> None:
+        """``parent`` is internal: the first tenant's emulator, whose clock, wall time and
+        signing key the other tenants share."""
         self.config = config or EmulatorConfig()
         self.faults = self.config.faults
         self.truth = Truth()
+        self._parent = parent
         self._clock = clock
         self._clock0: float | None = None
-        self._wall0 = time.time()
+        self._wall0: float = parent._wall0 if parent is not None else time.time()
         self._rng = random.Random(self.config.seed)
-        self._signing_key = hashlib.sha256(f"emulator-key-{uuid.uuid4()}".encode()).digest()
+        self._signing_key: bytes = (
+            parent._signing_key
+            if parent is not None
+            else hashlib.sha256(f"emulator-key-{uuid.uuid4()}".encode()).digest()
+        )
         self._apps = {app.client_id: app for app in self.config.apps}
         self.machines: dict[str, dict[str, Any]] = {}
         self._by_name: dict[str, list[str]] = collections.defaultdict(list)
@@ -272,6 +371,30 @@ class Emulator:
         #: (Retry-After, call group or None for any) to serve next, in order.
         self._forced_429: list[tuple[float, str | None]] = []
         self._seed_pending(self.config.fleet.pending_fraction)
+        #: Every tenant served, by tenant id; the first is this one.
+        self._tenants: dict[str, Emulator] = {self.config.tenant_id: self}
+        for number, spec in enumerate(self.config.tenants, start=2):
+            if spec.tenant_id in self._tenants:
+                raise ValueError(f"tenant {spec.tenant_id} is declared twice")
+            tenant_config = dataclasses.replace(
+                self.config,
+                tenant_id=spec.tenant_id,
+                fleet=spec.fleet,
+                apps=spec.apps if spec.apps is not None else self.config.apps,
+                seed=spec.seed if spec.seed is not None else self.config.seed + 1000 * number,
+                tenants=(),
+            )
+            self._tenants[spec.tenant_id] = Emulator(tenant_config, clock=clock, parent=self)
+
+    @property
+    def tenant_ids(self) -> tuple[str, ...]:
+        """Every tenant served, the first (``config.tenant_id``) first."""
+        return tuple(self._tenants)
+
+    def tenant(self, tenant_id: str) -> Emulator:
+        """The emulator of one tenant: its ``machines``, ``actions``, ``truth``, ``force_429``.
+        The first tenant's is this object itself. KeyError for a tenant not served."""
+        return self._tenants[tenant_id]
 
     def __repr__(self) -> str:
         return (
@@ -283,7 +406,12 @@ class Emulator:
 
     def now(self) -> float:
         """The emulator's clock (the running loop's, unless one was injected)."""
-        value = self._clock() if self._clock is not None else asyncio.get_running_loop().time()
+        if self._parent is not None:
+            value = self._parent.now()  # one clock for every tenant
+        elif self._clock is not None:
+            value = self._clock()
+        else:
+            value = asyncio.get_running_loop().time()
         if self._clock0 is None:
             self._clock0 = value
             # Actions seeded by pending_fraction were stamped before the clock was first read
@@ -296,6 +424,8 @@ class Emulator:
     def wall(self, moment: float | None = None) -> datetime:
         """Wall time for an emulator-clock moment (now by default)."""
         moment = self.now() if moment is None else moment
+        if self._parent is not None:
+            return self._parent.wall(moment)
         assert self._clock0 is not None  # noqa: S101 - now() has run
         return datetime.fromtimestamp(self._wall0 + (moment - self._clock0), UTC)
 
@@ -480,20 +610,62 @@ class Emulator:
         """The ``aiohttp.web`` application serving Entra ID, MDE and the truth view."""
         app = web.Application(client_max_size=1024 * 1024)
         tenant = "/{tenant}"
-        app.router.add_get(tenant + "/v2.0/.well-known/openid-configuration", self._openid)
-        app.router.add_get(tenant + "/.well-known/openid-configuration", self._openid)
-        app.router.add_post(tenant + "/oauth2/v2.0/token", self._token)
+        by_path, by_token = self._by_path_tenant, self._by_token_tenant
+        openid = by_path(Emulator._openid)
+        app.router.add_get(tenant + "/v2.0/.well-known/openid-configuration", openid)
+        app.router.add_get(tenant + "/.well-known/openid-configuration", openid)
+        app.router.add_post(tenant + "/oauth2/v2.0/token", by_path(Emulator._token))
         for prefix in ("/api", "/api/v1.0"):
-            app.router.add_post(prefix + "/machines/{id}/offboard", self._offboard)
-            app.router.add_get(prefix + "/machines", self._list_machines)
-            app.router.add_get(prefix + "/machines/{id}", self._get_machine)
-            app.router.add_get(prefix + "/machineactions", self._list_actions)
-            app.router.add_get(prefix + "/machineactions/{id}", self._get_action)
-            app.router.add_post(prefix + "/machineactions/{id}/cancel", self._cancel_action)
-            app.router.add_post(prefix + "/advancedqueries/run", self._hunting)
+            # The bulk tag path first: its last segment must never be read as a machine id.
+            app.router.add_post(
+                prefix + "/machines/AddOrRemoveTagForMultipleMachines",
+                by_token(Emulator._tag_machines),
+            )
+            app.router.add_post(prefix + "/machines/{id}/offboard", by_token(Emulator._offboard))
+            app.router.add_post(prefix + "/machines/{id}/tags", by_token(Emulator._tag_machine))
+            app.router.add_get(prefix + "/machines", by_token(Emulator._list_machines))
+            app.router.add_get(prefix + "/machines/{id}", by_token(Emulator._get_machine))
+            app.router.add_get(prefix + "/machineactions", by_token(Emulator._list_actions))
+            app.router.add_get(prefix + "/machineactions/{id}", by_token(Emulator._get_action))
+            app.router.add_post(
+                prefix + "/machineactions/{id}/cancel", by_token(Emulator._cancel_action)
+            )
+            app.router.add_post(prefix + "/advancedqueries/run", by_token(Emulator._hunting))
         app.router.add_get("/msi/token", self._managed_identity_token)
         app.router.add_get("/_emulator/truth", self._truth)
         return app
+
+    def _by_path_tenant(self, handler: _TenantHandler) -> _Handler:
+        """Serve an Entra ID call as the tenant its path names (``/{tenant}/...``); a tenant
+        not served goes to the first one, which answers that it does not exist."""
+
+        async def route(request: web.Request) -> web.StreamResponse:
+            return await handler(self._tenants.get(request.match_info["tenant"], self), request)
+
+        return route
+
+    def _by_token_tenant(self, handler: _TenantHandler) -> _Handler:
+        """Serve an MDE call as the tenant its token's ``tid`` names: each tenant sees only its
+        own fleet, actions and windows, so another tenant's machine is simply not found (404).
+        A token that does not verify, or names no tenant served, goes to the first tenant,
+        whose gate refuses it (401)."""
+
+        async def route(request: web.Request) -> web.StreamResponse:
+            return await handler(self._tenant_of_token(request), request)
+
+        return route
+
+    def _tenant_of_token(self, request: web.Request) -> Emulator:
+        if len(self._tenants) == 1:
+            return self
+        auth = request.headers.get("Authorization", "")
+        claims = (
+            self._verify_token(auth.removeprefix("Bearer ").strip())
+            if auth.startswith("Bearer ")
+            else None
+        )
+        tid = claims.get("tid") if claims is not None else None
+        return self._tenants.get(str(tid), self)
 
     # Entra ID ------------------------------------------------------------------------------------
 
@@ -694,17 +866,24 @@ class Emulator:
         if str(claims.get("aud", "")).rstrip("/") != self.config.audience.rstrip("/"):
             # A token with the wrong audience gets 403 (microsoft-365-docs #9246).
             raise _Reply(mde_error(403, "Forbidden", "Invalid audience for this API."))
+        if claims.get("tid") != self.config.tenant_id:
+            # Only reachable with a tenant this emulator does not serve: the router sends a
+            # token to the tenant named by its tid (see _by_token_tenant).
+            raise _Reply(mde_error(401, "Unauthorized", "The token's tenant is not known."))
         client_id = str(claims.get("appid", ""))
         now = self.now()
-        count_group = "machineactions" if group == "cancel" else group
-        self.truth.calls[count_group] += 1
+        self.truth.calls[group] += 1
         if group == "offboard":
             self.truth.offboard_arrivals.append(now)
             posted = request.match_info.get("id", "").lower()
             self.truth.offboard_posts[posted] += 1
             if self.truth.actions_created.get(posted, 0) > 0:
                 self.truth.posts_after_action[posted] += 1
-        retry_after = self._count(client_id, count_group, now)
+        elif group == "cancel":
+            self.truth.cancel_posts[request.match_info.get("id", "")] += 1
+        elif group == "tags":
+            self.truth.tag_posts["single" if "id" in request.match_info else "bulk"] += 1
+        retry_after = self._count(client_id, group, now)
         if retry_after is None:
             for index, (forced, only) in enumerate(self._forced_429):
                 if only is None or only == group:
@@ -716,7 +895,7 @@ class Emulator:
             if phase < faults.burst_length_s:
                 retry_after = faults.burst_length_s - phase
         if retry_after is not None:
-            self.truth.throttled[count_group] += 1
+            self.truth.throttled[group] += 1
             seconds = max(1, math.ceil(retry_after))
             raise _Reply(
                 mde_error(
@@ -795,27 +974,8 @@ class Emulator:
         async def handle() -> web.StreamResponse:
             _, requestor = await self._gate(request, "offboard")
             machine_id = request.match_info["id"]
-            if request.content_type != "application/json":
-                return mde_error(
-                    400, "InvalidRequestBody", "Content-Type must be application/json."
-                )
-            try:
-                body = orjson.loads(await request.read())
-            except orjson.JSONDecodeError:
-                return mde_error(400, "InvalidRequestBody", "Request body is not valid JSON.")
-            if not isinstance(body, dict):
-                return mde_error(400, "InvalidRequestBody", "Request body must be an object.")
-            if "Comment" not in body:
-                if any(k.lower() == "comment" for k in body):
-                    return mde_error(
-                        400,
-                        "InvalidRequestBody",
-                        "Unknown parameter; parameters are case-sensitive.",
-                    )
-                return mde_error(400, "MissingRequiredParameter", "Comment is required.")
-            comment = body["Comment"]
-            if not isinstance(comment, str) or not comment.strip():
-                return mde_error(400, "InvalidRequestBody", "Comment must be a non-empty string.")
+            body = await self._json_body(request)
+            comment = self._required_text(body, "Comment")
             machine = self._find_machine(machine_id)
             if machine is None:
                 return mde_error(404, "ResourceNotFound", f"Machine {machine_id} was not found")
@@ -836,6 +996,48 @@ class Emulator:
             return _json(self.action_entity(action), self.config.offboard_status)
 
         return await self._guarded(handle)
+
+    @staticmethod
+    async def _json_body(request: web.Request) -> dict[str, Any]:
+        """The JSON object a POST must carry with ``Content-Type: application/json``
+        (mde-api.md section 2); raises _Reply with the 400 otherwise."""
+        if request.content_type != "application/json":
+            raise _Reply(
+                mde_error(400, "InvalidRequestBody", "Content-Type must be application/json.")
+            )
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            raise _Reply(
+                mde_error(400, "InvalidRequestBody", "Request body is not valid JSON.")
+            ) from None
+        if not isinstance(body, dict):
+            raise _Reply(mde_error(400, "InvalidRequestBody", "Request body must be an object."))
+        return body
+
+    @staticmethod
+    def _required(body: dict[str, Any], key: str) -> Any:
+        """``body[key]``; body keys are case-sensitive (mde-api.md section 2): a key in the
+        wrong case is InvalidRequestBody, a missing one MissingRequiredParameter."""
+        if key not in body:
+            if any(k.lower() == key.lower() for k in body):
+                raise _Reply(
+                    mde_error(
+                        400,
+                        "InvalidRequestBody",
+                        "Unknown parameter; parameters are case-sensitive.",
+                    )
+                )
+            raise _Reply(mde_error(400, "MissingRequiredParameter", f"{key} is required."))
+        return body[key]
+
+    @classmethod
+    def _required_text(cls, body: dict[str, Any], key: str) -> str:
+        """A required, non-blank string parameter."""
+        value = cls._required(body, key)
+        if not isinstance(value, str) or not value.strip():
+            raise _Reply(mde_error(400, "InvalidRequestBody", f"{key} must be a non-empty string."))
+        return value
 
     def _find_machine(self, key: str) -> dict[str, Any] | None:
         lowered = key.lower()
@@ -920,6 +1122,108 @@ class Emulator:
 
         return await self._guarded(handle)
 
+    # Machine tags (mde-api.md section 5b) ----------------------------------------------------
+
+    def _tag_parameters(self, body: dict[str, Any]) -> tuple[str, str]:
+        """``(Value, Action)`` of a tag request; raises _Reply with the 400 otherwise."""
+        value = self._required_text(body, "Value")
+        action = self._required(body, "Action")
+        if len(value) > MAX_TAG_LENGTH or not value.isprintable():
+            # UNCONFIRMED (mde-api.md section 5b: maximum length and allowed characters are
+            # not documented): more than 200 characters or a control character is refused.
+            raise _Reply(
+                mde_error(
+                    400,
+                    "InvalidInput",
+                    f"Tag must be at most {MAX_TAG_LENGTH} printable characters.",
+                )
+            )
+        if action not in TAG_ACTIONS:
+            raise _Reply(mde_error(400, "InvalidRequestBody", "Action must be 'Add' or 'Remove'."))
+        return value, str(action)
+
+    def _apply_tag(self, machine: dict[str, Any], value: str, action: str) -> None:
+        """Add or remove one tag. Adding a tag already there and removing one that is not are
+        no-ops that succeed; tags compare exactly (UNCONFIRMED, mde-api.md section 5b: whether
+        MDE folds case when it compares tags is not documented)."""
+        tags = [str(tag) for tag in machine.get("machineTags") or ()]
+        if action == "Add" and value not in tags:
+            tags.append(value)
+        elif action == "Remove":
+            tags = [tag for tag in tags if tag != value]
+        machine["machineTags"] = tags  # a new list: entities served earlier keep theirs
+        self.truth.tag_operations[machine["id"]] += 1
+
+    async def _tag_machine(self, request: web.Request) -> web.StreamResponse:
+        """``POST /api/machines/{id}/tags``: 200 with the updated Machine (mde-api.md 5b)."""
+
+        async def handle() -> web.StreamResponse:
+            await self._gate(request, "tags")
+            machine_id = request.match_info["id"]
+            value, action = self._tag_parameters(await self._json_body(request))
+            # Only machines seen within retention can be tagged: the fleet is what the tenant
+            # still shows (GET /api/machines), so anything else is not found.
+            machine = self._find_machine(machine_id)
+            if machine is None:
+                return mde_error(404, "ResourceNotFound", f"Machine {machine_id} was not found")
+            self._apply_tag(machine, value, action)
+            self._maybe_drop_after(request)
+            return _json(self.machine_entity(machine))
+
+        return await self._guarded(handle)
+
+    async def _tag_machines(self, request: web.Request) -> web.StreamResponse:
+        """``POST /api/machines/AddOrRemoveTagForMultipleMachines`` (mde-api.md section 5b).
+
+        UNCONFIRMED choices (mde-api.md section 5b leaves them open):
+
+        * the response is 200 with the machines tagged, as an OData collection like
+          ``GET /api/machines`` (``{"@odata.context", "value": [...]}``), in request order;
+        * well-formed ids the tenant does not have (never seen, or out of retention) are
+          skipped, not an error: they are missing from ``value``, and a call naming only such
+          ids answers 200 with an empty ``value``;
+        * a malformed id (not 40 hex) refuses the whole call: 400 ``InvalidInput``, nothing
+          tagged; an empty list is 400 ``InvalidRequestBody``; repeated ids count once;
+        * more than 500 ids: 400 ``MaximumBatchSizeExceeded``, nothing tagged.
+        """
+
+        async def handle() -> web.StreamResponse:
+            await self._gate(request, "tags")
+            body = await self._json_body(request)
+            value, action = self._tag_parameters(body)
+            ids = self._required(body, "MachineIds")
+            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+                return mde_error(
+                    400, "InvalidRequestBody", "MachineIds must be a list of machine ids."
+                )
+            if not ids:
+                return mde_error(400, "InvalidRequestBody", "MachineIds must not be empty.")
+            if len(ids) > MAX_TAG_BATCH:
+                return mde_error(
+                    400,
+                    "MaximumBatchSizeExceeded",
+                    f"At most {MAX_TAG_BATCH} machines can be tagged in one call; "
+                    f"{len(ids)} were given.",
+                )
+            malformed = [i for i in ids if _HEX40.fullmatch(i.lower()) is None]
+            if malformed:
+                return mde_error(400, "InvalidInput", f"Invalid machine id {malformed[0][:60]!r}.")
+            tagged: list[dict[str, Any]] = []
+            for machine_id in dict.fromkeys(i.lower() for i in ids):
+                machine = self.machines.get(machine_id)
+                if machine is not None:
+                    self._apply_tag(machine, value, action)
+                    tagged.append(machine)
+            self._maybe_drop_after(request)
+            return _json(
+                {
+                    "@odata.context": f"{request.scheme}://{request.host}/api/$metadata#Machines",
+                    "value": [self.machine_entity(m) for m in tagged],
+                }
+            )
+
+        return await self._guarded(handle)
+
     async def _list_actions(self, request: web.Request) -> web.StreamResponse:
         async def handle() -> web.StreamResponse:
             await self._gate(request, "machineactions")
@@ -953,24 +1257,34 @@ class Emulator:
         return await self._guarded(handle)
 
     async def _cancel_action(self, request: web.Request) -> web.StreamResponse:
+        """``POST /api/machineactions/{id}/cancel`` (mde-api.md section 3)."""
+
         async def handle() -> web.StreamResponse:
             _, requestor = await self._gate(request, "cancel")
-            action = self.actions.get(request.match_info["id"])
+            action_id = request.match_info["id"]
+            # Same body rules as offboard's: JSON, "Comment" required, keys case-sensitive.
+            comment = self._required_text(await self._json_body(request), "Comment")
+            action = self.actions.get(action_id.lower())
             if action is None:
-                return mde_error(404, "ResourceNotFound", "Machine action not found")
-            try:
-                body = orjson.loads(await request.read())
-            except orjson.JSONDecodeError:
-                body = None
-            if not isinstance(body, dict) or not isinstance(body.get("Comment"), str):
-                return mde_error(400, "MissingRequiredParameter", "Comment is required.")
-            if self.action_status(action) not in ("Pending", "InProgress"):
                 return mde_error(
-                    400, "InvalidRequestBody", "Only actions that are not final can be cancelled."
+                    404, "ResourceNotFound", f"Machine action {action_id} was not found"
+                )
+            status = self.action_status(action)
+            if status not in ("Pending", "InProgress"):
+                # UNCONFIRMED (mde-api.md section 3 says cancel "works only on actions not yet
+                # final" but not how a final one is refused): 400 BadRequest, the generic code
+                # of the docs' 400 row (section 6), naming the status. Nothing changes.
+                return mde_error(
+                    400,
+                    "BadRequest",
+                    f"Machine action {action.id} is in final state {status} and cannot be "
+                    "cancelled.",
                 )
             action.cancelled_at = self.now()
-            action.cancel_comment = body["Comment"]
+            action.cancel_comment = comment
             action.cancel_requestor = requestor
+            self.truth.actions_cancelled[action.machine_id] += 1
+            self._maybe_drop_after(request)
             return _json(self.action_entity(action))
 
         return await self._guarded(handle)
@@ -1065,4 +1379,8 @@ class Emulator:
         )
 
     async def _truth(self, request: web.Request) -> web.Response:
-        return _json(self.truth.as_json())
+        """The first tenant's ground truth, or ``?tenant=<id>``'s."""
+        tenant = self._tenants.get(request.query.get("tenant", self.config.tenant_id))
+        if tenant is None:
+            return _json({"error": "unknown tenant"}, 404)
+        return _json(tenant.truth.as_json())

@@ -68,6 +68,10 @@ class EmulatorServer:
         """The tenant's authority URL for msal."""
         return f"{self.base_url}/{self.emulator.config.tenant_id}"
 
+    def authority_for(self, tenant_id: str) -> str:
+        """The authority URL of one of the tenants served (``emulator.tenant_ids``)."""
+        return f"{self.base_url}/{self.emulator.tenant(tenant_id).config.tenant_id}"
+
     def _ssl_context(self) -> ssl.SSLContext:
         ca = trustme.CA(key_type=trustme.KeyType.RSA)
         cert = ca.issue_cert("127.0.0.1", "::1", "localhost", key_type=trustme.KeyType.RSA)
