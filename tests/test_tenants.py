@@ -22,7 +22,7 @@ import pytest
 
 from bulkoffboard import tenants
 from bulkoffboard.config import load_tenants
-from bulkoffboard.emulator import EmulatorConfig, EmulatorServer, FleetSpec
+from bulkoffboard.emulator import EmulatorConfig, EmulatorServer, FleetSpec, extra_tenants
 from bulkoffboard.emulator.app import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
 from bulkoffboard.errors import UsageError
 from bulkoffboard.journal import replay_file
@@ -324,3 +324,53 @@ def test_a_tenants_own_settings_win_over_the_environment(tmp_path: Path) -> None
     assert (second.tenant_id, second.cloud) == ("tb", "gcc-high")
     assert second.credential.secret == "its-own"
     assert "gov" in second.api_url
+
+
+async def test_one_emulator_serving_three_tenants_sees_each_tenants_own_token(
+    start_emulator: StartEmulator, tmp_path: Path
+) -> None:
+    """The realistic set-up: one API host and one token host for every tenant; each tenant's
+    token carries its tid, so a machine of another tenant would be 404 (the emulator routes
+    each call by the token's tid)."""
+    fleet = FleetSpec(size=30, seed=4, os_mix={"Windows10": 0.8, "Linux": 0.2})
+    server = await start_emulator(
+        EmulatorConfig(
+            time_scale=0.01,
+            action_start_s=0.05,
+            action_complete_s=0.1,
+            fleet=fleet,
+            tenants=extra_tenants(2, fleet),
+        )
+    )
+    emulator = server.emulator
+    names = ("alpha", "beta", "gamma")
+    text = (
+        f'[defaults]\napi_url = "{server.base_url}"\nauthority_host = "{server.base_url}"\n'
+        f'ca_bundle = "{server.ca_path}"\n\n'
+    )
+    for name, tid in zip(names, emulator.tenant_ids, strict=True):
+        ids = write_ids_of(emulator.tenant(tid).machines, tmp_path / f"{name}.txt")
+        text += f'[[tenant]]\nname = "{name}"\ntenant_id = "{tid}"\nids = "{ids.name}"\n\n'
+    toml = tmp_path / "tenants.toml"
+    toml.write_text(text, encoding="utf-8")
+    run_dir = tmp_path / "run"
+    code, out, err = await cli(
+        "run", "--tenants", str(toml), "--run-dir", str(run_dir), *LIMITS, env=app_env()
+    )
+    assert code == 0, out + err
+    for name, tid in zip(names, emulator.tenant_ids, strict=True):
+        tenant = emulator.tenant(tid)
+        replay = replay_file(run_dir / f"{name}.jsonl")
+        outcomes = collections.Counter(str(r["outcome"]) for r in replay.results())
+        offboardable = {m for m, d in tenant.machines.items() if d["osPlatform"] == "Windows10"}
+        assert outcomes["offboarded"] == len(offboardable)
+        assert outcomes.get("not_found", 0) == 0, "a token went to the wrong tenant"
+        made = collections.Counter(
+            a.machine_id for a in tenant.actions.values() if replay.header["run_id"] in a.comment
+        )
+        assert set(made) == offboardable and set(made.values()) == {1}
+
+
+def write_ids_of(machines: Any, path: Path) -> Path:
+    path.write_text("\n".join(machines) + "\n", encoding="utf-8")
+    return path
