@@ -280,6 +280,7 @@ async def run(
     wait: bool = False,
     wait_deadline: float = 3600.0,
     poll_interval: float = 60.0,
+    budget: str | None = None,
     connection: settings.Connection | None = None,
     config: PathArg | None = None,
     connection_overrides: Mapping[str, Any] | None = None,
@@ -332,6 +333,7 @@ async def run(
         wait=wait,
         wait_deadline=wait_deadline,
         poll_interval=poll_interval,
+        budget=budget,
         stop=stop,
         observer=observer,
         confirm=confirm,
@@ -370,6 +372,7 @@ async def run_with(
     wait: bool = False,
     wait_deadline: float = 3600.0,
     poll_interval: float = 60.0,
+    budget: str | None = None,
     stop: asyncio.Event | None = None,
     observer: RunObserver | None = None,
     confirm: Confirm | None = None,
@@ -429,7 +432,10 @@ async def run_with(
         header_extra=header_extra,
     )
     plan = _replace(
-        plan, wait_deadline_s=wait_deadline if wait else None, wait_poll_s=poll_interval
+        plan,
+        wait_deadline_s=wait_deadline if wait else None,
+        wait_poll_s=poll_interval,
+        budget=settings.budget_spec(budget, file_cfg, os.environ),
     )
     targets = Targets(
         request=request,
@@ -463,6 +469,7 @@ async def resume(
     stop: asyncio.Event | None = None,
     observer: RunObserver | None = None,
     file_settings: Mapping[str, Any] | None = None,
+    budget: str | None = None,
 ) -> Summary:
     """Continue a run from its journal (``bulkoffboard resume``): its source, comment and
     settings come from the journal; ``limits``, ``workers`` and ``margin`` may override.
@@ -471,6 +478,7 @@ async def resume(
     conn = connect(connection, file_cfg, connection_overrides)
     journal_path = _absolute(journal)
     plan = plan_resume(journal_path, list(limits) if limits else None, workers, file_cfg, margin)
+    plan = _replace(plan, budget=settings.budget_spec(budget, file_cfg, os.environ))
     return await execute(plan, conn, stop=stop, observer=observer)
 
 
@@ -486,6 +494,7 @@ async def verify(
     config: PathArg | None = None,
     connection_overrides: Mapping[str, Any] | None = None,
     stop: asyncio.Event | None = None,
+    budget: str | None = None,
 ) -> VerifySummary:
     """Follow a journal's offboard actions and journal their status (``bulkoffboard
     verify``); ``limits`` as ``--limit`` (default: the read endpoints' own)."""
@@ -500,7 +509,10 @@ async def verify(
         poll_cap_s=max(poll_interval, 900.0),
     )
     journal_path = _absolute(journal)
-    return await verify_journal(journal_path, conn, read_limits, verify_settings, stop=stop)
+    spec = settings.budget_spec(budget, file_cfg, os.environ)
+    return await verify_journal(
+        journal_path, conn, read_limits, verify_settings, stop=stop, budget=spec
+    )
 
 
 async def check(

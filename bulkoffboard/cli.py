@@ -103,6 +103,18 @@ def _write_summary(args: argparse.Namespace, data: dict[str, Any], journal: Path
         log.warning("summary_json.failed", path=path, error=exc.strerror)
 
 
+def _add_budget(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--budget",
+        metavar="DIR|none",
+        help="where the rate budgets live, shared by every bulkoffboard of this app in this "
+        "tenant (default: a ledger in $XDG_STATE_HOME/bulkoffboard/budget, or "
+        "BULKOFFBOARD_BUDGET, or the config's budget); 'none' keeps a budget private to this "
+        "process, which is only safe when nothing else uses the app: two runs then each "
+        "take the whole 100 a minute and earn 429s",
+    )
+
+
 def _add_run_dir(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     parser.add_argument(
         "--run-dir",
@@ -273,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, metavar="N", help="concurrent workers (default 8)")
     _add_limits(run)
     _add_margin(run)
+    _add_budget(run)
     _add_connection(run)
     _add_common(run)
     run.set_defaults(func=cmd_run)
@@ -284,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_summary_json(resume)
     _add_limits(resume)
     _add_margin(resume)
+    _add_budget(resume)
     _add_connection(resume)
     _add_common(resume)
     resume.set_defaults(func=cmd_resume)
@@ -319,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --until-final, the first poll delay; it backs off from there (default 60)",
     )
     _add_limits(ver)
+    _add_budget(ver)
     _add_summary_json(ver)
     _add_connection(ver)
     _add_common(ver)
@@ -539,6 +554,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             wait=args.wait,
             wait_deadline=args.wait_deadline,
             poll_interval=args.poll_interval,
+            budget=args.budget,
             config=args.config,
             connection_overrides=_overrides(args),
             stop=stop,
@@ -574,6 +590,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
                 limits=args.limit,
                 workers=args.workers,
                 margin=args.margin,
+                budget=args.budget,
                 connection_overrides=_overrides(args),
                 stop=stop,
                 observers=observers,
@@ -587,6 +604,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
             limits=args.limit,
             workers=args.workers,
             margin=args.margin,
+            budget=args.budget,
             config=args.config,
             connection_overrides=_overrides(args),
             stop=stop,
@@ -610,6 +628,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 deadline=args.deadline,
                 poll_interval=args.poll_interval,
                 limits=args.limit,
+                budget=args.budget,
             )
         )
         return _tenants_finished(args, result)
@@ -622,6 +641,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             deadline=args.deadline,
             poll_interval=args.poll_interval,
             limits=args.limit,
+            budget=args.budget,
             config=args.config,
             connection_overrides=_overrides(args),
             stop=stop,
@@ -701,6 +721,7 @@ def _run_tenants(args: argparse.Namespace) -> int:
             wait=args.wait,
             wait_deadline=args.wait_deadline,
             poll_interval=args.poll_interval,
+            budget=args.budget,
         )
     )
     if args.dry_run:

@@ -94,7 +94,20 @@ FILE_KEYS: dict[str, type | tuple[type, ...]] = {
     "exclude_groups": list,
     "exclude_ids": list,
     "exclude_names": list,
+    "budget": str,
 }
+
+#: ``--budget`` when nothing names one: a ledger shared on this host (bulkoffboard.budget).
+DEFAULT_BUDGET = "default"
+
+
+def budget_spec(given: str | None, file: Mapping[str, Any], env: Mapping[str, str]) -> str:
+    """Where the rate budgets live: ``--budget`` > ``BULKOFFBOARD_BUDGET`` > the config's
+    ``budget`` > a ledger shared on this host. ``none``: this process's alone."""
+    for value in (given, env.get("BULKOFFBOARD_BUDGET"), file.get("budget")):
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return DEFAULT_BUDGET
 
 
 @dataclass(frozen=True, slots=True)

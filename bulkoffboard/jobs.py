@@ -40,6 +40,8 @@ from bulkoffboard.auth import (
     TokenProvider,
     token_roles,
 )
+from bulkoffboard.budget import BudgetKey, open_budget
+from bulkoffboard.budget import label as budget_label
 from bulkoffboard.client import MdeClient
 from bulkoffboard.errors import (
     ApiError,
@@ -126,6 +128,9 @@ class Plan:
     wait_poll_s: float = 60.0
     #: ``--margin``: each window's jitter margin floor (None: the limit's default).
     margin_s: float | None = None
+    #: Where the rate budgets live (:func:`bulkoffboard.budget.open_budget`): None or "none"
+    #: this process's alone; "default" or a directory: a ledger shared on this host.
+    budget: str | None = None
 
 
 def sha256_file(path: Path) -> str:
@@ -169,6 +174,33 @@ class Targets:
     dry_rows: bool = False
     #: Asked when the plan is over ``max_machines`` and ``assume_yes`` is off (None: refuse).
     confirm: Confirm | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Budgets:
+    """Where a session's throttles keep their rate budgets: one a call kind, for this app
+    registration in this tenant, on the budget ``spec`` names (a ledger shared on this host,
+    or none: this process's alone)."""
+
+    spec: str | None
+    conn: config.Connection
+
+    def key(self, kind: str) -> BudgetKey:
+        """The budget of ``kind`` (offboard, reads, hunting, ...)."""
+        conn = self.conn
+        return BudgetKey(conn.api_url, conn.tenant_id, conn.client_id, kind)
+
+    def throttle(
+        self, kind: str, limits: tuple[Limit, ...], margin_s: float | None = None
+    ) -> Throttle:
+        """A throttle for ``kind`` on its budget."""
+        shared = open_budget(self.spec, self.key(kind))
+        return Throttle(limits, name=kind, margin_s=margin_s, shared=shared)
+
+    @property
+    def label(self) -> str:
+        """What the journal's ``session`` record says of the offboard budget."""
+        return budget_label(self.spec, self.key("offboard"))
 
 
 def _hunting_limits(limits: tuple[Limit, ...]) -> tuple[Limit, ...]:
@@ -226,10 +258,19 @@ async def _execute(
             connector=connector, timeout=timeout, trust_env=True
         ) as session:
             client = MdeClient(session, conn.api_url, tokens, ssl_context=_ssl_for(conn))
-            reads = Throttle(plan.limits, name="reads")
+            budgets = Budgets(plan.budget, conn)
+            reads = budgets.throttle("reads", plan.limits)
             handed, opened = opened, None  # _with_client closes it from here on
             return await _with_client(
-                plan, client, tokens, reads, targets, opened=handed, stop=stop, observer=observer
+                plan,
+                client,
+                tokens,
+                reads,
+                targets,
+                opened=handed,
+                stop=stop,
+                observer=observer,
+                budgets=budgets,
             )
     finally:
         tokens.close()
@@ -247,6 +288,7 @@ async def _with_client(
     opened: tuple[Journal, Replay] | None = None,
     stop: asyncio.Event | None = None,
     observer: RunObserver | None = None,
+    budgets: Budgets,
 ) -> Summary:
     stop = stop or asyncio.Event()
     replay: Replay
@@ -255,7 +297,7 @@ async def _with_client(
         targets = targets or Targets(
             targeting.Request("file", plan.source_path, plan.source_format)
         )
-        planned = await _unless_stopped(_prepare(plan, client, reads, targets), stop)
+        planned = await _unless_stopped(_prepare(plan, client, reads, targets, budgets), stop)
         if planned is None:
             return _interrupted_before_sending()
         plan, prepared = planned
@@ -293,11 +335,21 @@ async def _with_client(
                 "pid": os.getpid(),
                 "command": "run" if replay.sessions == 0 else "resume",
                 "tool_version": __version__,
+                "budget": budgets.label,
             },
             sync=True,
         )
         summary = await _run_session(
-            plan, client, tokens, journal, replay, reads, total=total, stop=stop, observer=observer
+            plan,
+            client,
+            tokens,
+            journal,
+            replay,
+            reads,
+            total=total,
+            stop=stop,
+            observer=observer,
+            budgets=budgets,
         )
         return summary
     finally:
@@ -370,7 +422,7 @@ def _journal_plan(journal: Journal, replay: Replay, prepared: targeting.Prepared
 
 
 async def _prepare(
-    plan: Plan, client: MdeClient, reads: Throttle, targets: Targets
+    plan: Plan, client: MdeClient, reads: Throttle, targets: Targets, budgets: Budgets
 ) -> tuple[Plan, targeting.Prepared]:
     """Resolve the source to ids, read what the rules need, and decide for every id."""
     request = targets.request
@@ -400,7 +452,7 @@ async def _prepare(
             ids, unresolved = targeting.resolve_names(names, machines)
             inventory = {str(m["id"]).lower(): m for m in machines}
         else:
-            hunting = Throttle(_hunting_limits(plan.limits), name="hunting")
+            hunting = budgets.throttle("hunting", _hunting_limits(plan.limits))
             ids = await targeting.run_hunting(client, hunting, request.hunting or "", policy)
         source_path = (
             plan.journal_path.with_name(plan.journal_path.name + ".targets")
@@ -522,13 +574,20 @@ async def _run_session(  # noqa: PLR0917 - the wiring of one session
     total: int | None = None,
     stop: asyncio.Event,
     observer: RunObserver | None = None,
+    budgets: Budgets,
 ) -> Summary:
-    throttle = Throttle(plan.limits, name="offboard", margin_s=plan.margin_s)
+    throttle = budgets.throttle("offboard", plan.limits, plan.margin_s)
     # The sends of the processes before, each held for as long after it as its call may have
     # arrived (up to now for one that was in flight when its process died).
     sends = replay.recent_send_lags(time.time())
     times = Throttle.wall_to_clock((at for at, _ in sends), throttle.now())
-    seeded = throttle.seed(list(zip(times, (lag for _, lag in sends), strict=True)))
+    # Sends made on the shared ledger this session uses are in it already (a killed
+    # process's unanswered ones are answered there once it is gone): seeding them again
+    # would count them twice.
+    in_ledger = throttle.shared is not None and replay.session_budgets <= {budgets.label}
+    seeded = throttle.seed(
+        list(zip(times, (lag for _, lag in sends), strict=True)), shared=not in_ledger
+    )
     for round_trip in replay.recent_round_trips:
         throttle.observe(round_trip)  # the round trips seen before: the ETA's estimate
     if seeded:
@@ -782,6 +841,7 @@ async def verify_journal(
     settings: VerifySettings,
     *,
     stop: asyncio.Event | None = None,
+    budget: str | None = None,
 ) -> VerifySummary:
     """Follow the offboard actions of a journal (``bulkoffboard verify``): lock it, check it
     belongs to the connection's tenant, journal a session, verify under the read ``limits``,
@@ -814,7 +874,7 @@ async def verify_journal(
                     journal,
                     replay,
                     client,
-                    Throttle(limits, name="reads"),
+                    Budgets(budget, conn).throttle("reads", limits),
                     settings,
                     stop=stop or asyncio.Event(),
                 )

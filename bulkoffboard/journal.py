@@ -603,6 +603,9 @@ class Replay:
         #: The last ``status`` record of each machine (verify's looks at its action).
         self.statuses: dict[str, ActionSeen] = {}
         self.sessions = 0
+        #: The rate budget each session drew on (its ``budget`` field; "none" before there
+        #: was one): a resume on the same shared ledger need not seed the sends again.
+        self.session_budgets: set[str] = set()
         self.lines = 0
         self.torn_tail = False
         #: True once a ``plan`` record says every planning decision was journaled.
@@ -1036,6 +1039,8 @@ def _fold(
     kind = record.get("type")
     if kind == "session":
         replay.sessions += 1
+        budget = record.get("budget")
+        replay.session_budgets.add(budget if isinstance(budget, str) else "none")
         if recency and isinstance(record.get("at"), str):
             replay.recent.session(record["at"])
         return

@@ -287,6 +287,7 @@ async def resume_tenants(
     limits: Sequence[str] | None = None,
     workers: int | None = None,
     margin: float | None = None,
+    budget: str | None = None,
     connection_overrides: Mapping[str, Any] | None = None,
     stop: asyncio.Event | None = None,
     observers: Observers | None = None,
@@ -311,6 +312,7 @@ async def resume_tenants(
                 margin=margin,
                 connection=tenant_connection(tenant, connection_overrides),
                 file_settings=tenant.settings,
+                budget=budget,
                 stop=stop,
                 observer=observers(tenant.name) if observers is not None else None,
             )

@@ -38,6 +38,12 @@ rescheduled its wake-up at "now" forever. The gap is also one more "earliest fre
 the windows' (the last grant plus the pace), which estimates use.
 
 A 429 pauses every caller until its Retry-After has passed (:meth:`Throttle.pause`).
+
+Shared budgets: the limits belong to an app registration in a tenant, not to a process. With
+a ``shared`` budget (:mod:`bulkoffboard.budget`: a ledger on this host), every grant is also
+the same rule applied atomically to the grants of every process on that budget, recorded
+there in one FIFO order; answers and 429 pauses are recorded there too. This process's own
+log still paces it and feeds its estimates; the shared one decides.
 """
 
 from __future__ import annotations
@@ -46,12 +52,16 @@ import asyncio
 import collections
 import contextlib
 import math
+import os
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 
 import structlog
 from aiolimiter import AsyncLimiter
+
+from bulkoffboard.budget import SharedBudget, Window
 
 log = structlog.get_logger("bulkoffboard.throttle")
 
@@ -181,6 +191,7 @@ class Throttle:
         clock: Callable[[], float] | None = None,
         name: str = "offboard",
         answer_timeout_s: float = ANSWER_TIMEOUT_S,
+        shared: SharedBudget | None = None,
     ) -> None:
         self.limits = tuple(limits)
         if not self.limits:
@@ -210,12 +221,26 @@ class Throttle:
         self._max_round_trip_s = 0.0
         #: The grant whose unanswered call was last logged as holding the others back.
         self._stuck_logged = float("nan")
+        #: The budget shared with other processes (None: this process's alone), the ids of
+        #: this process's grants recorded there by grant time, and how often to look again
+        #: while it says wait (other processes' answers can free it earlier than it says).
+        self.shared = shared
+        self._shared_ids: dict[float, str] = {}
+        self._grant_prefix = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._poll_s = min(1.0, max(_MIN_SLEEP_S, min(lim.period_s for lim in self.limits) / 20))
 
     def __repr__(self) -> str:
+        where = f", shared={self.shared.describe()!r}" if self.shared is not None else ""
         return (
             f"Throttle({self.name!r}, limits=[{', '.join(map(str, self.limits))}], "
-            f"granted={self.granted}, paused_until={self._paused_until:.3f})"
+            f"granted={self.granted}, paused_until={self._paused_until:.3f}{where})"
         )
+
+    def _windows(self) -> list[Window]:
+        return [
+            Window(window.limit.calls, window.limit.period_s, window.margin_s)
+            for window in self._logs
+        ]
 
     def now(self) -> float:
         """The throttle's clock."""
@@ -267,6 +292,9 @@ class Throttle:
             freed = [window.observe(granted_at, max(round_trip_s, 0.0)) for window in self._logs]
             if any(freed):
                 self._changed.set()
+            shared_id = self._shared_ids.pop(granted_at, None)
+            if shared_id is not None and self.shared is not None:
+                self.shared.answer(shared_id, max(round_trip_s, 0.0))
         if round_trip_s < 0:
             return
         if len(self._round_trips) == self._round_trips.maxlen:
@@ -298,10 +326,20 @@ class Throttle:
             while True:
                 now = self.now()
                 wait = self.next_free() - now
+                shared_id = None
                 if wait <= 0:
                     if self._pacer is None or self._pacer.has_capacity():
-                        break
-                    wait = _MIN_SLEEP_S  # the bucket's float residue: drains in a moment
+                        if self.shared is None:
+                            break
+                        shared_id = f"{self._grant_prefix}-{self.granted}"
+                        held = self.shared.try_grant(
+                            self._windows(), self.answer_timeout_s, shared_id
+                        )
+                        if held is None:
+                            break
+                        wait = min(held, self._poll_s)  # an answer elsewhere frees it sooner
+                    else:
+                        wait = _MIN_SLEEP_S  # the bucket's float residue: drains in a moment
                 self._note_stuck(now, wait)
                 self._changed.clear()
                 # Wake at the free time, or early when a pause changes the picture.
@@ -314,6 +352,8 @@ class Throttle:
             now = max(now, math.nextafter(self._last_grant, math.inf))
             for window in self._logs:
                 window.record(now)
+            if shared_id is not None:
+                self._shared_ids[now] = shared_id
             self._last_grant = now
             self.granted += 1
             return now
@@ -345,15 +385,19 @@ class Throttle:
             self._paused_until = until
             self.pauses += 1
             self._changed.set()
+        if self.shared is not None:
+            self.shared.pause(seconds)
 
-    def seed(self, sends: Iterable[float | tuple[float, float]]) -> int:
+    def seed(self, sends: Iterable[float | tuple[float, float]], *, shared: bool = True) -> int:
         """Count earlier sends so a restart cannot overshoot. Returns how many were counted.
 
         Each send is a clock time, or (clock time, lag): how long after it the call had
         arrived at the latest (a bare time: at once). Sends whose window has passed for good
         (older than the longest window plus their lag and the margin) are ignored. The rest
         are sorted first: they come from the journal's wall-clock stamps, which a clock stepped
-        back leaves out of order, and each window keeps only its most recent sends.
+        back leaves out of order, and each window keeps only its most recent sends. With a
+        shared budget they are recorded there too, unless ``shared`` is False (they are in
+        it already).
         """
         now = self.now()
         longest = max(self._logs, key=lambda window: window.limit.period_s)
@@ -367,6 +411,9 @@ class Throttle:
         for at, lag in kept:
             for window in self._logs:
                 window.record(at, lag)
+        if self.shared is not None and kept and shared:
+            offset = self.shared.clock() - now  # this throttle's clock to the budget's
+            self.shared.seed((at + offset, lag) for at, lag in kept)
         return len(kept)
 
     def ideal_duration_s(self, calls: int) -> float:

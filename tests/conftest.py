@@ -46,8 +46,12 @@ def _reset_logging() -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Machine-wide CA and proxy variables must not leak into tests (LIBRARY-NOTES.md)."""
+def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Machine-wide CA and proxy variables must not leak into tests (LIBRARY-NOTES.md); each
+    test has its own state directory, so the default shared rate budget (a ledger under
+    $XDG_STATE_HOME) is the test's own (its child processes inherit it)."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
+    monkeypatch.delenv("BULKOFFBOARD_BUDGET", raising=False)
     for name in (
         "REQUESTS_CA_BUNDLE",
         "CURL_CA_BUNDLE",

@@ -286,7 +286,7 @@ async def test_the_readme_example_is_the_checked_file_and_runs(
     text = example.read_text(encoding="utf-8")
     assert text.endswith(readme_example()), "README and tests/example_api.py differ"
     server = await start_emulator(emulator_config(5))
-    keep = ("PATH", "HOME", "LANG", "PYTHONPATH", "TMPDIR")
+    keep = ("PATH", "HOME", "LANG", "PYTHONPATH", "TMPDIR", "XDG_STATE_HOME")
     env = {k: v for k, v in os.environ.items() if k in keep} | env_for(server)
     proc = await asyncio.create_subprocess_exec(
         sys.executable,

@@ -298,7 +298,7 @@ def test_emulate_refuses_fewer_than_one_tenant() -> None:
 async def test_emulate_with_tenants_prints_each_tenant_and_serves_each_fleet(
     http_session: aiohttp.ClientSession,
 ) -> None:
-    keep = ("PATH", "HOME", "LANG", "PYTHONPATH", "SYSTEMROOT", "TMPDIR")
+    keep = ("PATH", "HOME", "LANG", "PYTHONPATH", "SYSTEMROOT", "TMPDIR", "XDG_STATE_HOME")
     env = {k: v for k, v in os.environ.items() if k in keep} | {"PYTHONUNBUFFERED": "1"}
     proc = await asyncio.create_subprocess_exec(
         sys.executable,

@@ -549,7 +549,7 @@ async def test_misuse_of_an_existing_journal_leaves_it_byte_identical(
 
 async def cli(*args: str, env: dict[str, str], timeout: float = 60) -> tuple[int, str, str]:
     """``python -m bulkoffboard ARGS`` (see tests/test_cli.py); killed after ``timeout``."""
-    keep = ("PATH", "HOME", "LANG", "PYTHONPATH", "SYSTEMROOT", "TMPDIR")
+    keep = ("PATH", "HOME", "LANG", "PYTHONPATH", "SYSTEMROOT", "TMPDIR", "XDG_STATE_HOME")
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

@@ -44,7 +44,7 @@ Reader = Literal["gone", "line"]
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """A clean environment (no PYTHONUNBUFFERED: stdout buffered, as users run it)."""
-    keep = ("PATH", "HOME", "LANG", "PYTHONPATH", "SYSTEMROOT", "TMPDIR")
+    keep = ("PATH", "HOME", "LANG", "PYTHONPATH", "SYSTEMROOT", "TMPDIR", "XDG_STATE_HOME")
     return {k: v for k, v in os.environ.items() if k in keep} | (extra or {})
 
 

@@ -70,7 +70,7 @@ def config(size: int, faults: Faults | None = None, **kwargs: Any) -> EmulatorCo
 
 
 def _base_env() -> dict[str, str]:
-    keep = ("PATH", "HOME", "LANG", "PYTHONPATH", "SYSTEMROOT", "TMPDIR")
+    keep = ("PATH", "HOME", "LANG", "PYTHONPATH", "SYSTEMROOT", "TMPDIR", "XDG_STATE_HOME")
     return {k: v for k, v in os.environ.items() if k in keep}
 
 

@@ -168,7 +168,11 @@ async def test_a_kill_mid_run_then_resume_run_dir_offboards_each_machine_once(
 ) -> None:
     servers, toml = await two_tenants(start_emulator, tmp_path, size=300)
     run_dir = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "PYTHONPATH")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k in ("PATH", "HOME", "LANG", "PYTHONPATH", "XDG_STATE_HOME")
+    }
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

@@ -1,0 +1,400 @@
+"""Where a rate budget lives when it is shared: a ledger on this host (the default).
+
+The limits belong to an app registration in a tenant, per API, not to a process: tonight's
+batch, an operator's ad-hoc run and a ``verify`` on the same app draw on the same 100 a minute
+and 1,500 an hour. A shared budget is the throttle's rule (:mod:`bulkoffboard.throttle`: a
+sliding log a window, each grant holding its place for the window plus the larger of the
+margin and its own round trip, an unanswered grant until its answer or the answer timeout)
+applied to the grants of every process that draws on it, kept in one place and changed
+atomically:
+
+- **the grant**: under the ledger's lock, the rule over every grant recorded there decides;
+  the new grant is recorded with the ledger's clock, never earlier than the grant before it,
+  so grants stay FIFO across processes and the throttle's proof holds for their union;
+- **the answer**: the caller reports its round trip, which bounds that grant's arrival for
+  every process (until then the grant holds its place for the answer timeout, so a process
+  killed while holding grants blocks the others for at most that long);
+- **a 429**: pauses every process on the budget until its Retry-After.
+
+The ledger is a directory (``$XDG_STATE_HOME/bulkoffboard/budget``, else
+``~/.local/state/bulkoffboard/budget``, or ``--budget DIR``) with one JSON file a budget,
+named by call kind and a digest of (API host, tenant, client): written whole to a temporary
+file and renamed over, under an ``flock`` on a lock file beside it. Its clock is the host's
+wall clock (``time.time``), shared by every process on the host and meaningful across a
+restart. A ledger that is corrupt or from a newer version is an error naming it, never a
+silent reset (that could double the budget).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import math
+import os
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import orjson
+
+from bulkoffboard.errors import UsageError
+
+FORMAT = 1
+TOOL = "bulkoffboard-budget"
+#: Call kinds, each with its own budget (the API's limits are per endpoint).
+KINDS = ("offboard", "reads", "hunting", "cancel", "tags")
+
+
+class BudgetError(UsageError):
+    """A shared budget cannot be used (a corrupt or newer ledger, an unreachable store)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetKey:
+    """Whose budget: an app registration in a tenant, on one API host, for one call kind."""
+
+    api_url: str
+    tenant_id: str
+    client_id: str
+    kind: str
+
+    @property
+    def host(self) -> str:
+        """The API host (a scheme and port do not make another budget... except the port,
+        which tells emulators apart)."""
+        parts = urllib.parse.urlsplit(self.api_url)
+        return (parts.netloc or self.api_url).lower()
+
+    def slug(self) -> str:
+        """A file-name-safe name: the kind and a digest of host, tenant and client."""
+        ident = f"{self.host}|{self.tenant_id.lower()}|{self.client_id.lower()}"
+        digest = hashlib.sha256(ident.encode()).hexdigest()[:24]
+        return f"{self.kind}-{digest}"
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """One limit as the rule needs it: at most ``calls`` in ``period_s``, widened by
+    ``margin_s`` at least."""
+
+    calls: int
+    period_s: float
+    margin_s: float
+
+
+def next_free(grants: Sequence[Sequence[Any]], window: Window, answer_timeout_s: float) -> float:
+    """The rule for one window over ``grants`` (``(id, at, lag)``, oldest first; ``lag``
+    None or NaN while unanswered): the earliest time one more grant keeps the window within
+    its limit. The grant about to leave the window holds it for ``period + max(margin, its
+    own lag)``, its lag being the answer timeout while it is unanswered."""
+    if len(grants) < window.calls:
+        return -math.inf
+    grant = grants[len(grants) - window.calls]
+    at, lag = grant[1], grant[2]
+    held = answer_timeout_s if lag is None or math.isnan(lag) else lag
+    return float(at) + window.period_s + max(window.margin_s, held)
+
+
+class SharedBudget(Protocol):
+    """A budget kept outside the process (the throttle asks it for every grant)."""
+
+    def clock(self) -> float:
+        """The budget's clock (seconds)."""
+
+    def try_grant(
+        self, windows: Sequence[Window], answer_timeout_s: float, grant_id: str
+    ) -> float | None:
+        """Atomically: if every window allows one more grant now (and no pause holds),
+        record ``grant_id`` and return None; else return how long to wait (seconds)."""
+
+    def answer(self, grant_id: str, lag_s: float) -> None:
+        """The call of ``grant_id`` was answered ``lag_s`` after its grant."""
+
+    def pause(self, seconds: float) -> None:
+        """A 429: hold every process on the budget for ``seconds`` from now."""
+
+    def seed(self, sends: Iterable[tuple[float, float]]) -> int:
+        """Record earlier sends (budget-clock time, lag) not recorded yet; returns how many."""
+
+    def describe(self) -> str:
+        """Where the budget lives, for messages (never a secret)."""
+
+
+def default_directory(env: dict[str, str] | None = None) -> Path:
+    """``$XDG_STATE_HOME/bulkoffboard/budget``, else ``~/.local/state/bulkoffboard/budget``."""
+    source = os.environ if env is None else env
+    state = source.get("XDG_STATE_HOME") or ""
+    base = Path(state) if state.strip() else Path.home() / ".local" / "state"
+    return base / "bulkoffboard" / "budget"
+
+
+class LedgerFile:
+    """A budget in a JSON file on this host, changed under an ``flock`` (see the module)."""
+
+    def __init__(
+        self,
+        directory: Path,
+        key: BudgetKey,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.key = key
+        self.directory = directory
+        self.path = directory / f"{key.slug()}.json"
+        self._lock_path = directory / f"{key.slug()}.lock"
+        self._clock = clock
+        try:
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise BudgetError(
+                f"cannot create the budget ledger's folder {directory}: {exc.strerror}"
+            ) from None
+        with self._locked() as state:  # a corrupt or newer ledger fails now, before any call
+            del state
+
+    def __repr__(self) -> str:
+        return f"LedgerFile({str(self.path)!r}, kind={self.key.kind!r})"
+
+    def describe(self) -> str:
+        """The ledger's path."""
+        return str(self.path)
+
+    def clock(self) -> float:
+        """The host's wall clock (the same in every process)."""
+        return self._clock()
+
+    # -- the operations ----------------------------------------------------------------------
+
+    def try_grant(
+        self, windows: Sequence[Window], answer_timeout_s: float, grant_id: str
+    ) -> float | None:
+        """See :meth:`SharedBudget.try_grant`."""
+        with self._locked(write=True) as state:
+            now = self.clock()
+            grants: list[list[Any]] = state["grants"]
+            changed = _prune(state, now, windows, answer_timeout_s)
+            changed += _answer_the_dead(grants, now)
+            free = max(
+                float(state.get("paused_until") or -math.inf),
+                *(next_free(grants, w, answer_timeout_s) for w in windows),
+            )
+            if free > now:
+                state["_unchanged"] = not changed
+                return free - now
+            last = float(grants[-1][1]) if grants else -math.inf
+            grants.append([grant_id, max(now, math.nextafter(last, math.inf)), None, os.getpid()])
+            return None
+
+    def answer(self, grant_id: str, lag_s: float) -> None:
+        """See :meth:`SharedBudget.answer`."""
+        with self._locked(write=True) as state:
+            for grant in reversed(state["grants"]):
+                if grant[0] == grant_id:
+                    if grant[2] is None:
+                        grant[2] = max(float(lag_s), 0.0)
+                    return
+            state["_unchanged"] = True  # pruned already: nothing to note
+
+    def pause(self, seconds: float) -> None:
+        """See :meth:`SharedBudget.pause`."""
+        with self._locked(write=True) as state:
+            until = self.clock() + max(seconds, 0.0)
+            state["paused_until"] = max(float(state.get("paused_until") or 0.0), until)
+
+    def seed(self, sends: Iterable[tuple[float, float]]) -> int:
+        """See :meth:`SharedBudget.seed`: each send becomes a grant already answered, unless
+        a grant at that very time is recorded already."""
+        wanted = sorted(sends)
+        if not wanted:
+            return 0
+        with self._locked(write=True) as state:
+            grants: list[list[Any]] = state["grants"]
+            known = {float(g[1]) for g in grants}
+            added = [
+                [f"seed-{os.getpid()}-{n}", at, max(lag, 0.0), 0]
+                for n, (at, lag) in enumerate(wanted)
+                if at not in known
+            ]
+            grants.extend(added)
+            grants.sort(key=lambda g: float(g[1]))
+            return len(added)
+
+    def grants(self) -> list[tuple[str, float, float]]:
+        """Every grant recorded (id, time, lag; NaN while unanswered), oldest first."""
+        with self._locked() as state:
+            return [
+                (str(g[0]), float(g[1]), math.nan if g[2] is None else float(g[2]))
+                for g in state["grants"]
+            ]
+
+    # -- the file ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self, *, write: bool = False) -> Iterator[dict[str, Any]]:
+        """The ledger's state under its lock; written back (whole, then renamed over) unless
+        the block marked it ``_unchanged``."""
+        try:
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise BudgetError(
+                f"cannot open the budget ledger's lock {self._lock_path}: {exc.strerror}"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            state = self._read()
+            yield state
+            if write and not state.pop("_unchanged", False):
+                self._write(state)
+        finally:
+            os.close(fd)  # closing drops the flock
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return {"format": FORMAT, "tool": TOOL, "grants": [], "paused_until": None}
+        except OSError as exc:
+            raise BudgetError(
+                f"cannot read the budget ledger {self.path}: {exc.strerror}"
+            ) from None
+        try:
+            state = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise BudgetError(
+                f"the budget ledger {self.path} is corrupt (not JSON): move it aside once no "
+                "bulkoffboard uses it (a silent reset could double the budget)"
+            ) from None
+        if not isinstance(state, dict) or state.get("tool") != TOOL:
+            raise BudgetError(f"{self.path} is not a bulkoffboard budget ledger")
+        version = state.get("format")
+        if not isinstance(version, int) or version > FORMAT:
+            raise BudgetError(
+                f"the budget ledger {self.path} was written by a newer bulkoffboard (format "
+                f"{version!r}); upgrade bulkoffboard on every runner that shares it"
+            )
+        grants = state.get("grants")
+        if not isinstance(grants, list) or not all(_is_grant(g) for g in grants):
+            raise BudgetError(
+                f"the budget ledger {self.path} is corrupt (its grants): move it aside once no "
+                "bulkoffboard uses it"
+            )
+        return state
+
+    def _write(self, state: dict[str, Any]) -> None:
+        temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            temp.write_bytes(orjson.dumps(state))
+            temp.replace(self.path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+            raise BudgetError(
+                f"cannot write the budget ledger {self.path}: {exc.strerror}"
+            ) from None
+
+
+def _is_grant(value: Any) -> bool:
+    """``[id, at, lag or None, pid]``: the pid of the process that holds it (0: none)."""
+    return (
+        isinstance(value, list)
+        and len(value) == 4
+        and isinstance(value[0], str)
+        and isinstance(value[1], int | float)
+        and (value[2] is None or isinstance(value[2], int | float))
+        and isinstance(value[3], int)
+    )
+
+
+def _answer_the_dead(grants: list[list[Any]], now: float) -> int:
+    """A grant still unanswered whose process is gone (killed) was answered by now at the
+    latest: its call was on the wire when the process died, and the bound is the one a
+    resumed journal uses for its own in-flight calls. Without it a kill would hold the
+    grant for the whole answer timeout. (A reused pid only makes this more careful.)"""
+    me = os.getpid()
+    answered = 0
+    for grant in grants:
+        if grant[2] is None and grant[3] not in (0, me) and not _alive(grant[3]):
+            grant[2] = max(now - float(grant[1]), 0.0)
+            answered += 1
+    return answered
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's: alive
+    return True
+
+
+def _prune(
+    state: dict[str, Any], now: float, windows: Sequence[Window], answer_timeout_s: float
+) -> int:
+    """Drop the grants no window of any runner can still count. Runners on one budget may
+    use other limits (a test's scaled ones): the ledger keeps the longest reach and the most
+    calls any of them asked for."""
+    keep_s = max(
+        float(state.get("keep_s") or 0.0),
+        *(w.period_s + max(w.margin_s, answer_timeout_s) for w in windows),
+    )
+    keep_n = max(int(state.get("keep_n") or 0), *(w.calls for w in windows))
+    changed = int((keep_s, keep_n) != (state.get("keep_s"), state.get("keep_n")))
+    state["keep_s"], state["keep_n"] = keep_s, keep_n
+    grants: list[list[Any]] = state["grants"]
+    cut = 0
+    limit = len(grants) - keep_n
+    while cut < limit or (cut < len(grants) and float(grants[cut][1]) + keep_s < now):
+        cut += 1
+    if cut:
+        del grants[:cut]
+    if state.get("paused_until") is not None and float(state["paused_until"]) < now:
+        state["paused_until"] = None
+        changed += 1
+    return changed + cut
+
+
+def label(spec: str | None, key: BudgetKey) -> str:
+    """What a journal's ``session`` record says of the budget it drew on: ``none``, or the
+    ledger file (a resume seeds its throttle from the journal only when the sends there are
+    not in the ledger it uses now)."""
+    if spec is None or spec.strip().lower() == "none":
+        return "none"
+    text = spec.strip()
+    directory = default_directory() if text == "default" else Path(text).expanduser()
+    return str((directory / f"{key.slug()}.json").absolute())
+
+
+def open_budget(spec: str | None, key: BudgetKey) -> SharedBudget | None:
+    """The budget ``spec`` names for ``key``: None or ``"none"``: private to the process
+    (None is returned); a directory: a ledger there (``"default"``: the user's state
+    directory). Raises :class:`BudgetError` when it cannot be used."""
+    if spec is None or spec.strip().lower() == "none":
+        return None
+    if key.kind not in KINDS:
+        raise ValueError(f"unknown call kind {key.kind!r}")
+    text = spec.strip()
+    if text.startswith(("redis://", "rediss://")):
+        raise BudgetError("a Redis budget (redis://...) is not available in this version")
+    directory = default_directory() if text == "default" else Path(text).expanduser()
+    return LedgerFile(directory, key)
+
+
+__all__ = [
+    "FORMAT",
+    "KINDS",
+    "BudgetError",
+    "BudgetKey",
+    "LedgerFile",
+    "SharedBudget",
+    "Window",
+    "default_directory",
+    "label",
+    "next_free",
+    "open_budget",
+]
