@@ -100,28 +100,35 @@ def next_free(grants: Sequence[Sequence[Any]], window: Window, answer_timeout_s:
 
 
 class SharedBudget(Protocol):
-    """A budget kept outside the process (the throttle asks it for every grant)."""
+    """A budget kept outside the process (the throttle asks it for every grant). Its
+    operations are coroutines (a store across hosts answers over the network); each is
+    atomic in the store."""
 
-    def clock(self) -> float:
-        """The budget's clock (seconds)."""
+    async def ready(self) -> None:
+        """Check the store can be used (before any call is made); raise
+        :class:`BudgetError` naming it when it cannot."""
 
-    def try_grant(
+    async def try_grant(
         self, windows: Sequence[Window], answer_timeout_s: float, grant_id: str
     ) -> float | None:
-        """Atomically: if every window allows one more grant now (and no pause holds),
-        record ``grant_id`` and return None; else return how long to wait (seconds)."""
+        """If every window allows one more grant now (and no pause holds), record
+        ``grant_id`` and return None; else return how long to wait (seconds)."""
 
-    def answer(self, grant_id: str, lag_s: float) -> None:
+    async def answer(self, grant_id: str, lag_s: float) -> None:
         """The call of ``grant_id`` was answered ``lag_s`` after its grant."""
 
-    def pause(self, seconds: float) -> None:
+    async def pause(self, seconds: float) -> None:
         """A 429: hold every process on the budget for ``seconds`` from now."""
 
-    def seed(self, sends: Iterable[tuple[float, float]]) -> int:
-        """Record earlier sends (budget-clock time, lag) not recorded yet; returns how many."""
+    async def seed(self, sends: Iterable[tuple[float, float]]) -> int:
+        """Record earlier sends, each ``(seconds ago, lag)``; returns how many."""
 
     def describe(self) -> str:
         """Where the budget lives, for messages (never a secret)."""
+
+
+class BudgetLostError(BudgetError):
+    """The shared budget's store went away mid-run: take no new grant (resume continues)."""
 
 
 def default_directory(env: dict[str, str] | None = None) -> Path:
@@ -169,10 +176,32 @@ class LedgerFile:
 
     # -- the operations ----------------------------------------------------------------------
 
-    def try_grant(
+    async def ready(self) -> None:
+        """Checked when opened already."""
+
+    async def try_grant(
         self, windows: Sequence[Window], answer_timeout_s: float, grant_id: str
     ) -> float | None:
-        """See :meth:`SharedBudget.try_grant`."""
+        """See :meth:`SharedBudget.try_grant` (a file lock held for a moment: no await)."""
+        return self.grant_now(windows, answer_timeout_s, grant_id)
+
+    async def answer(self, grant_id: str, lag_s: float) -> None:
+        """See :meth:`SharedBudget.answer`."""
+        self.answer_now(grant_id, lag_s)
+
+    async def pause(self, seconds: float) -> None:
+        """See :meth:`SharedBudget.pause`."""
+        self.pause_now(seconds)
+
+    async def seed(self, sends: Iterable[tuple[float, float]]) -> int:
+        """See :meth:`SharedBudget.seed`."""
+        now = self.clock()
+        return self.seed_now((now - ago, lag) for ago, lag in sends)
+
+    def grant_now(
+        self, windows: Sequence[Window], answer_timeout_s: float, grant_id: str
+    ) -> float | None:
+        """:meth:`try_grant`, synchronously."""
         with self._locked(write=True) as state:
             now = self.clock()
             grants: list[list[Any]] = state["grants"]
@@ -189,8 +218,8 @@ class LedgerFile:
             grants.append([grant_id, max(now, math.nextafter(last, math.inf)), None, os.getpid()])
             return None
 
-    def answer(self, grant_id: str, lag_s: float) -> None:
-        """See :meth:`SharedBudget.answer`."""
+    def answer_now(self, grant_id: str, lag_s: float) -> None:
+        """:meth:`answer`, synchronously."""
         with self._locked(write=True) as state:
             for grant in reversed(state["grants"]):
                 if grant[0] == grant_id:
@@ -199,15 +228,15 @@ class LedgerFile:
                     return
             state["_unchanged"] = True  # pruned already: nothing to note
 
-    def pause(self, seconds: float) -> None:
-        """See :meth:`SharedBudget.pause`."""
+    def pause_now(self, seconds: float) -> None:
+        """:meth:`pause`, synchronously."""
         with self._locked(write=True) as state:
             until = self.clock() + max(seconds, 0.0)
             state["paused_until"] = max(float(state.get("paused_until") or 0.0), until)
 
-    def seed(self, sends: Iterable[tuple[float, float]]) -> int:
-        """See :meth:`SharedBudget.seed`: each send becomes a grant already answered, unless
-        a grant at that very time is recorded already."""
+    def seed_now(self, sends: Iterable[tuple[float, float]]) -> int:
+        """Record earlier sends ``(ledger-clock time, lag)`` as grants already answered,
+        unless a grant at that very time is recorded already."""
         wanted = sorted(sends)
         if not wanted:
             return 0
@@ -336,20 +365,33 @@ def _alive(pid: int) -> bool:
 def _prune(
     state: dict[str, Any], now: float, windows: Sequence[Window], answer_timeout_s: float
 ) -> int:
-    """Drop the grants no window of any runner can still count. Runners on one budget may
-    use other limits (a test's scaled ones): the ledger keeps the longest reach and the most
-    calls any of them asked for."""
-    keep_s = max(
-        float(state.get("keep_s") or 0.0),
-        *(w.period_s + max(w.margin_s, answer_timeout_s) for w in windows),
-    )
-    keep_n = max(int(state.get("keep_n") or 0), *(w.calls for w in windows))
-    changed = int((keep_s, keep_n) != (state.get("keep_s"), state.get("keep_n")))
-    state["keep_s"], state["keep_n"] = keep_s, keep_n
+    """Drop the grants no window of any runner can still count: beyond the most calls a
+    window holds, or older than the longest window plus the larger of the widest margin and
+    the grant's own lag (the answer timeout while unanswered). Runners on one budget may use
+    other limits (a test's scaled ones): the ledger keeps the largest of each any of them
+    asked for."""
+    keep = {
+        "keep_period": max(w.period_s for w in windows),
+        "keep_margin": max(w.margin_s for w in windows),
+        "keep_timeout": answer_timeout_s,
+        "keep_n": max(w.calls for w in windows),
+    }
+    changed = 0
+    for name, value in keep.items():
+        merged = max(float(state.get(name) or 0.0), value)
+        if merged != state.get(name):
+            state[name] = int(merged) if name == "keep_n" else merged
+            changed = 1
+    period, margin = float(state["keep_period"]), float(state["keep_margin"])
+    timeout = float(state["keep_timeout"])
     grants: list[list[Any]] = state["grants"]
     cut = 0
-    limit = len(grants) - keep_n
-    while cut < limit or (cut < len(grants) and float(grants[cut][1]) + keep_s < now):
+    over = len(grants) - int(state["keep_n"])
+    while cut < len(grants):
+        at, lag = float(grants[cut][1]), grants[cut][2]
+        held = timeout if lag is None else float(lag)
+        if cut >= over and at + period + max(margin, held) >= now:
+            break
         cut += 1
     if cut:
         del grants[:cut]

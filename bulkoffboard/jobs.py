@@ -261,17 +261,20 @@ async def _execute(
             budgets = Budgets(plan.budget, conn)
             reads = budgets.throttle("reads", plan.limits)
             handed, opened = opened, None  # _with_client closes it from here on
-            return await _with_client(
-                plan,
-                client,
-                tokens,
-                reads,
-                targets,
-                opened=handed,
-                stop=stop,
-                observer=observer,
-                budgets=budgets,
-            )
+            try:
+                return await _with_client(
+                    plan,
+                    client,
+                    tokens,
+                    reads,
+                    targets,
+                    opened=handed,
+                    stop=stop,
+                    observer=observer,
+                    budgets=budgets,
+                )
+            finally:
+                await reads.drain()  # the last answers reach the shared budget
     finally:
         tokens.close()
         if opened is not None:
@@ -643,6 +646,7 @@ async def _run_session(  # noqa: PLR0917 - the wiring of one session
         stopping.cancel()
         if observer is not None:
             observer.run_stopped()
+        await throttle.drain()  # the last answers reach the shared budget
 
 
 def new_plan(

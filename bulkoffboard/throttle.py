@@ -55,8 +55,9 @@ import math
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 from aiolimiter import AsyncLimiter
@@ -226,6 +227,10 @@ class Throttle:
         #: while it says wait (other processes' answers can free it earlier than it says).
         self.shared = shared
         self._shared_ids: dict[float, str] = {}
+        #: Answers, pauses and seeds on their way to the shared budget.
+        self._sending: set[asyncio.Task[Any]] = set()
+        self._seeding: asyncio.Task[Any] | None = None
+        self._send_failed = False
         self._grant_prefix = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._poll_s = min(1.0, max(_MIN_SLEEP_S, min(lim.period_s for lim in self.limits) / 20))
 
@@ -294,7 +299,7 @@ class Throttle:
                 self._changed.set()
             shared_id = self._shared_ids.pop(granted_at, None)
             if shared_id is not None and self.shared is not None:
-                self.shared.answer(shared_id, max(round_trip_s, 0.0))
+                self._send(self.shared.answer(shared_id, max(round_trip_s, 0.0)))
         if round_trip_s < 0:
             return
         if len(self._round_trips) == self._round_trips.maxlen:
@@ -322,6 +327,8 @@ class Throttle:
         Call it right before sending: the window is kept on grant times, so the caller must
         not wait between this and the send.
         """
+        if self._seeding is not None:
+            await self._seeding  # a resumed run's sends are in the shared budget first
         async with self._lock:
             while True:
                 now = self.now()
@@ -332,7 +339,10 @@ class Throttle:
                         if self.shared is None:
                             break
                         shared_id = f"{self._grant_prefix}-{self.granted}"
-                        held = self.shared.try_grant(
+                        # The grant is dated before the store is asked: the round trip
+                        # then reported covers the store's own time, so the lag it gives
+                        # the shared grant never falls short of the call's arrival.
+                        held = await self.shared.try_grant(
                             self._windows(), self.answer_timeout_s, shared_id
                         )
                         if held is None:
@@ -386,7 +396,7 @@ class Throttle:
             self.pauses += 1
             self._changed.set()
         if self.shared is not None:
-            self.shared.pause(seconds)
+            self._send(self.shared.pause(seconds))
 
     def seed(self, sends: Iterable[float | tuple[float, float]], *, shared: bool = True) -> int:
         """Count earlier sends so a restart cannot overshoot. Returns how many were counted.
@@ -412,9 +422,35 @@ class Throttle:
             for window in self._logs:
                 window.record(at, lag)
         if self.shared is not None and kept and shared:
-            offset = self.shared.clock() - now  # this throttle's clock to the budget's
-            self.shared.seed((at + offset, lag) for at, lag in kept)
+            self._seeding = self._send(self.shared.seed([(now - at, lag) for at, lag in kept]))
         return len(kept)
+
+    def _send(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Send ``work`` to the shared budget in the background (an answer or a pause must
+        not wait in the caller's ``finally``); a failure is logged once: the grant then holds
+        its place until the answer timeout, which is the careful side."""
+        task = asyncio.ensure_future(work)
+        self._sending.add(task)
+
+        def done(finished: asyncio.Task[Any]) -> None:
+            self._sending.discard(finished)
+            if finished.cancelled() or finished.exception() is None or self._send_failed:
+                return
+            self._send_failed = True
+            log.warning(
+                "budget.update_failed",
+                throttle=self.name,
+                error=str(finished.exception()),
+                effect="grants stay held until the answer timeout",
+            )
+
+        task.add_done_callback(done)
+        return task
+
+    async def drain(self) -> None:
+        """Wait for the answers and pauses still on their way to the shared budget."""
+        while self._sending:
+            await asyncio.gather(*list(self._sending), return_exceptions=True)
 
     def ideal_duration_s(self, calls: int) -> float:
         """The fastest possible time to send ``calls`` calls under the limits, from empty.
