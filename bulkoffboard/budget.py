@@ -126,6 +126,9 @@ class SharedBudget(Protocol):
     def describe(self) -> str:
         """Where the budget lives, for messages (never a secret)."""
 
+    async def close(self) -> None:
+        """Release the connection (if any)."""
+
 
 class BudgetLostError(BudgetError):
     """The shared budget's store went away mid-run: take no new grant (resume continues)."""
@@ -178,6 +181,9 @@ class LedgerFile:
 
     async def ready(self) -> None:
         """Checked when opened already."""
+
+    async def close(self) -> None:
+        """Nothing to release (the lock is taken and dropped at each operation)."""
 
     async def try_grant(
         self, windows: Sequence[Window], answer_timeout_s: float, grant_id: str
@@ -408,8 +414,222 @@ def label(spec: str | None, key: BudgetKey) -> str:
     if spec is None or spec.strip().lower() == "none":
         return "none"
     text = spec.strip()
+    if text.startswith(("redis://", "rediss://")):
+        parts = urllib.parse.urlsplit(text)
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{parts.hostname}{port}{parts.path} {key.slug()}"
     directory = default_directory() if text == "default" else Path(text).expanduser()
     return str((directory / f"{key.slug()}.json").absolute())
+
+
+# -- many hosts: Redis --------------------------------------------------------------------------
+
+#: The rule of :func:`next_free` and the pruning of :func:`_prune`, in one atomic script.
+#: KEYS: the grants (a sorted set: member the grant id, score its time), their lags (a hash),
+#: the budget's meta (a hash: paused_until, keep_*). Times come from the server's clock
+#: (TIME), the one every host agrees on; scores go in with microseconds.
+_PRUNE_LUA = """
+local function now_s()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local function num(value, default)
+  if value then return tonumber(value) end
+  return default
+end
+local function prune(now)
+  local kp = num(redis.call('HGET', KEYS[3], 'keep_period'), 0)
+  local km = num(redis.call('HGET', KEYS[3], 'keep_margin'), 0)
+  local kt = num(redis.call('HGET', KEYS[3], 'keep_timeout'), 0)
+  local kn = num(redis.call('HGET', KEYS[3], 'keep_n'), 0)
+  local count = redis.call('ZCARD', KEYS[1])
+  while count > 0 do
+    local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+    local held = num(redis.call('HGET', KEYS[2], oldest[1]), kt)
+    if count <= kn and tonumber(oldest[2]) + kp + math.max(km, held) >= now then break end
+    redis.call('ZREM', KEYS[1], oldest[1])
+    redis.call('HDEL', KEYS[2], oldest[1])
+    count = count - 1
+  end
+  local paused = redis.call('HGET', KEYS[3], 'paused_until')
+  if paused and tonumber(paused) < now then redis.call('HDEL', KEYS[3], 'paused_until') end
+  return count, kp + math.max(km, kt)
+end
+local function expire(reach)
+  local ttl = math.ceil(reach + 60)
+  for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ttl) end
+end
+"""
+
+_GRANT_LUA = (
+    _PRUNE_LUA
+    + """
+local now = now_s()
+local timeout = tonumber(ARGV[2])
+local n = tonumber(ARGV[3])
+local kp = num(redis.call('HGET', KEYS[3], 'keep_period'), 0)
+local km = num(redis.call('HGET', KEYS[3], 'keep_margin'), 0)
+local kt = math.max(num(redis.call('HGET', KEYS[3], 'keep_timeout'), 0), timeout)
+local kn = num(redis.call('HGET', KEYS[3], 'keep_n'), 0)
+local windows = {}
+for i = 0, n - 1 do
+  local w = {tonumber(ARGV[4 + 3 * i]), tonumber(ARGV[5 + 3 * i]), tonumber(ARGV[6 + 3 * i])}
+  windows[#windows + 1] = w
+  kn = math.max(kn, w[1]); kp = math.max(kp, w[2]); km = math.max(km, w[3])
+end
+redis.call('HSET', KEYS[3], 'keep_period', string.format('%.6f', kp),
+  'keep_margin', string.format('%.6f', km), 'keep_timeout', string.format('%.6f', kt),
+  'keep_n', kn)
+local count, reach = prune(now)
+local free = num(redis.call('HGET', KEYS[3], 'paused_until'), -1)
+for _, w in ipairs(windows) do
+  if count >= w[1] then
+    local g = redis.call('ZRANGE', KEYS[1], count - w[1], count - w[1], 'WITHSCORES')
+    local held = num(redis.call('HGET', KEYS[2], g[1]), timeout)
+    free = math.max(free, tonumber(g[2]) + w[2] + math.max(w[3], held))
+  end
+end
+if free > now then return string.format('%.6f', free - now) end
+local at = now
+local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+if last[2] and tonumber(last[2]) + 0.000001 > at then at = tonumber(last[2]) + 0.000001 end
+redis.call('ZADD', KEYS[1], string.format('%.6f', at), ARGV[1])
+expire(reach)
+return false
+"""
+)
+
+_ANSWER_LUA = """
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) and redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+end
+return false
+"""
+
+_PAUSE_LUA = (
+    _PRUNE_LUA
+    + """
+local until_ = now_s() + tonumber(ARGV[1])
+local paused = tonumber(redis.call('HGET', KEYS[3], 'paused_until') or '0')
+if until_ > paused then
+  redis.call('HSET', KEYS[3], 'paused_until', string.format('%.6f', until_))
+end
+expire(until_ - now_s() + 3600)
+return false
+"""
+)
+
+_SEED_LUA = (
+    _PRUNE_LUA
+    + """
+local now = now_s()
+local added = 0
+for i = 2, #ARGV, 2 do
+  local id = ARGV[1] .. '-' .. i
+  redis.call('ZADD', KEYS[1], string.format('%.6f', now - tonumber(ARGV[i])), id)
+  redis.call('HSET', KEYS[2], id, ARGV[i + 1])
+  added = added + 1
+end
+expire(7200)
+return added
+"""
+)
+
+
+class RedisBudget:
+    """A budget in Redis, shared by runners on many hosts: the same rule, run atomically in
+    the server by a script, on the server's clock. Keys are namespaced by call kind and a
+    digest of API host, tenant and client, and expire on their own. The password comes from
+    the URL or ``BULKOFFBOARD_REDIS_PASSWORD`` and is never shown."""
+
+    def __init__(self, url: str, key: BudgetKey, *, env: dict[str, str] | None = None) -> None:
+        import redis.asyncio as aioredis  # noqa: PLC0415 - only runners that use Redis load it
+
+        source = os.environ if env is None else env
+        parts = urllib.parse.urlsplit(url)
+        self._password = parts.password or source.get("BULKOFFBOARD_REDIS_PASSWORD") or None
+        host = parts.hostname or "localhost"
+        port = f":{parts.port}" if parts.port else ""
+        #: The URL without its credentials: what messages show.
+        self.where = f"{parts.scheme}://{host}{port}{parts.path}"
+        self.key = key
+        self._client = aioredis.Redis.from_url(
+            url,
+            password=self._password,
+            socket_timeout=10,
+            socket_connect_timeout=5,
+        )
+        prefix = f"bulkoffboard:budget:{key.slug()}"
+        self._keys = [f"{prefix}:grants", f"{prefix}:lags", f"{prefix}:meta"]
+        self._grant = self._client.register_script(_GRANT_LUA)
+        self._answer = self._client.register_script(_ANSWER_LUA)
+        self._pause = self._client.register_script(_PAUSE_LUA)
+        self._seed = self._client.register_script(_SEED_LUA)
+
+    def __repr__(self) -> str:
+        return f"RedisBudget({self.where!r}, kind={self.key.kind!r})"
+
+    def describe(self) -> str:
+        """The Redis URL without credentials, and the budget's keys."""
+        return f"{self.where} {self._keys[0].removesuffix(':grants')}"
+
+    def _problem(self, exc: BaseException) -> str:
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        if self._password:
+            text = text.replace(self._password, "***")
+        return text
+
+    async def ready(self) -> None:
+        """Reach the server (exit 2 before any call when it cannot be reached)."""
+        from redis.exceptions import RedisError  # noqa: PLC0415
+
+        try:
+            await self._client.ping()
+        except (RedisError, OSError) as exc:
+            raise BudgetError(
+                f"the shared budget at {self.where} is unreachable: {self._problem(exc)}"
+            ) from None
+
+    async def _run(self, script: Any, args: list[Any]) -> Any:
+        from redis.exceptions import RedisError  # noqa: PLC0415
+
+        try:
+            return await script(keys=self._keys, args=args)
+        except (RedisError, OSError) as exc:
+            raise BudgetLostError(
+                f"the shared budget at {self.where} went away: {self._problem(exc)}"
+            ) from None
+
+    async def try_grant(
+        self, windows: Sequence[Window], answer_timeout_s: float, grant_id: str
+    ) -> float | None:
+        """See :meth:`SharedBudget.try_grant`."""
+        args: list[Any] = [grant_id, repr(answer_timeout_s), len(windows)]
+        for window in windows:
+            args += [window.calls, repr(window.period_s), repr(window.margin_s)]
+        held = await self._run(self._grant, args)
+        return None if held is None else float(held)
+
+    async def answer(self, grant_id: str, lag_s: float) -> None:
+        """See :meth:`SharedBudget.answer`."""
+        await self._run(self._answer, [grant_id, repr(max(lag_s, 0.0))])
+
+    async def pause(self, seconds: float) -> None:
+        """See :meth:`SharedBudget.pause`."""
+        await self._run(self._pause, [repr(max(seconds, 0.0))])
+
+    async def seed(self, sends: Iterable[tuple[float, float]]) -> int:
+        """See :meth:`SharedBudget.seed`."""
+        args: list[Any] = [f"seed-{os.getpid()}-{time.time_ns()}"]
+        for ago, lag in sends:
+            args += [repr(max(ago, 0.0)), repr(max(lag, 0.0))]
+        if len(args) == 1:
+            return 0
+        return int(await self._run(self._seed, args))
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self._client.aclose()
 
 
 def open_budget(spec: str | None, key: BudgetKey) -> SharedBudget | None:
@@ -422,7 +642,7 @@ def open_budget(spec: str | None, key: BudgetKey) -> SharedBudget | None:
         raise ValueError(f"unknown call kind {key.kind!r}")
     text = spec.strip()
     if text.startswith(("redis://", "rediss://")):
-        raise BudgetError("a Redis budget (redis://...) is not available in this version")
+        return RedisBudget(text, key)
     directory = default_directory() if text == "default" else Path(text).expanduser()
     return LedgerFile(directory, key)
 
@@ -432,7 +652,9 @@ __all__ = [
     "KINDS",
     "BudgetError",
     "BudgetKey",
+    "BudgetLostError",
     "LedgerFile",
+    "RedisBudget",
     "SharedBudget",
     "Window",
     "default_directory",

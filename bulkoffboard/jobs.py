@@ -190,11 +190,18 @@ class Budgets:
         conn = self.conn
         return BudgetKey(conn.api_url, conn.tenant_id, conn.client_id, kind)
 
-    def throttle(
+    async def throttle(
         self, kind: str, limits: tuple[Limit, ...], margin_s: float | None = None
     ) -> Throttle:
-        """A throttle for ``kind`` on its budget."""
+        """A throttle for ``kind`` on its budget, the budget's store checked first (a store
+        that cannot be used stops the job before any call)."""
         shared = open_budget(self.spec, self.key(kind))
+        if shared is not None:
+            try:
+                await shared.ready()
+            except BaseException:
+                await shared.close()
+                raise
         return Throttle(limits, name=kind, margin_s=margin_s, shared=shared)
 
     @property
@@ -259,7 +266,7 @@ async def _execute(
         ) as session:
             client = MdeClient(session, conn.api_url, tokens, ssl_context=_ssl_for(conn))
             budgets = Budgets(plan.budget, conn)
-            reads = budgets.throttle("reads", plan.limits)
+            reads = await budgets.throttle("reads", plan.limits)
             handed, opened = opened, None  # _with_client closes it from here on
             try:
                 return await _with_client(
@@ -274,7 +281,7 @@ async def _execute(
                     budgets=budgets,
                 )
             finally:
-                await reads.drain()  # the last answers reach the shared budget
+                await reads.aclose()  # the last answers reach the shared budget
     finally:
         tokens.close()
         if opened is not None:
@@ -455,8 +462,11 @@ async def _prepare(
             ids, unresolved = targeting.resolve_names(names, machines)
             inventory = {str(m["id"]).lower(): m for m in machines}
         else:
-            hunting = budgets.throttle("hunting", _hunting_limits(plan.limits))
-            ids = await targeting.run_hunting(client, hunting, request.hunting or "", policy)
+            hunting = await budgets.throttle("hunting", _hunting_limits(plan.limits))
+            try:
+                ids = await targeting.run_hunting(client, hunting, request.hunting or "", policy)
+            finally:
+                await hunting.aclose()
         source_path = (
             plan.journal_path.with_name(plan.journal_path.name + ".targets")
             if not targets.dry_run
@@ -579,7 +589,7 @@ async def _run_session(  # noqa: PLR0917 - the wiring of one session
     observer: RunObserver | None = None,
     budgets: Budgets,
 ) -> Summary:
-    throttle = budgets.throttle("offboard", plan.limits, plan.margin_s)
+    throttle = await budgets.throttle("offboard", plan.limits, plan.margin_s)
     # The sends of the processes before, each held for as long after it as its call may have
     # arrived (up to now for one that was in flight when its process died).
     sends = replay.recent_send_lags(time.time())
@@ -646,7 +656,7 @@ async def _run_session(  # noqa: PLR0917 - the wiring of one session
         stopping.cancel()
         if observer is not None:
             observer.run_stopped()
-        await throttle.drain()  # the last answers reach the shared budget
+        await throttle.aclose()  # the last answers reach the shared budget
 
 
 def new_plan(
@@ -872,16 +882,20 @@ async def verify_journal(
                 sync=True,
             )
             timeout = aiohttp.ClientTimeout(total=ANSWER_TIMEOUT_S, connect=15, sock_read=60)
+            reads = await Budgets(budget, conn).throttle("reads", limits)
             async with aiohttp.ClientSession(timeout=timeout, trust_env=True) as session:
                 client = MdeClient(session, conn.api_url, tokens, ssl_context=_ssl_for(conn))
-                summary = await verify(
-                    journal,
-                    replay,
-                    client,
-                    Budgets(budget, conn).throttle("reads", limits),
-                    settings,
-                    stop=stop or asyncio.Event(),
-                )
+                try:
+                    summary = await verify(
+                        journal,
+                        replay,
+                        client,
+                        reads,
+                        settings,
+                        stop=stop or asyncio.Event(),
+                    )
+                finally:
+                    await reads.aclose()
             journal.append(
                 {
                     "type": "end",

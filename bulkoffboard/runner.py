@@ -20,6 +20,7 @@ from typing import Any
 import structlog
 
 from bulkoffboard.auth import TokenProvider
+from bulkoffboard.budget import BudgetLostError
 from bulkoffboard.client import MdeClient
 from bulkoffboard.errors import (
     ApiError,
@@ -182,6 +183,7 @@ class Runner:
         self.summary = Summary()
         self._stop = asyncio.Event()
         self._failure: str | None = None
+        self._budget_lost: str | None = None
         self._forbidden_streak = 0
         self._any_allowed = False
         self._reads_forbidden = False
@@ -263,7 +265,8 @@ class Runner:
         if self._failure is not None:
             summary.exit_code, summary.reason = ExitCode.AUTH, self._failure
         elif self._stop.is_set():
-            summary.exit_code, summary.reason = ExitCode.INTERRUPTED, "interrupted"
+            summary.exit_code = ExitCode.INTERRUPTED
+            summary.reason = self._budget_lost or "interrupted"
         elif summary.counts.get(Outcome.FAILED, 0) > 0:
             summary.exit_code, summary.reason = ExitCode.SOME_FAILED, "some machines failed"
         else:
@@ -332,6 +335,14 @@ class Runner:
                     )
             except _AuthFailure as failure:
                 self._fail(failure.message)
+                return
+            except BudgetLostError as exc:
+                # No new grant without the shared budget, and never a silent private one:
+                # the calls in flight finish, the run stops as interrupted, resume goes on.
+                if self._budget_lost is None:
+                    self._budget_lost = f"stopped: {exc}"
+                    log.error("run.budget_lost", error=str(exc))  # noqa: TRY400 - one line
+                self._stop.set()
                 return
             except AuthError as exc:
                 self._fail(str(exc))

@@ -452,6 +452,12 @@ class Throttle:
         while self._sending:
             await asyncio.gather(*list(self._sending), return_exceptions=True)
 
+    async def aclose(self) -> None:
+        """Drain, then release the shared budget's connection (if any)."""
+        await self.drain()
+        if self.shared is not None:
+            await self.shared.close()
+
     def ideal_duration_s(self, calls: int) -> float:
         """The fastest possible time to send ``calls`` calls under the limits, from empty.
 

@@ -59,6 +59,7 @@ from typing import Any, TypeVar
 
 import structlog
 
+from bulkoffboard.budget import BudgetLostError
 from bulkoffboard.client import MdeClient
 from bulkoffboard.errors import (
     ApiError,
@@ -335,6 +336,8 @@ class Verifier:
         self._throttle = throttle
         self.settings = settings or VerifySettings()
         self._stop = stop or asyncio.Event()
+        #: Why the run stopped when the shared budget went away.
+        self._budget_lost: str | None = None
         self._wall = wall_clock
         self._rng = rng or random.Random()
         self._on_status = on_status
@@ -427,7 +430,8 @@ class Verifier:
         summary = self.summary
         failing = sum(summary.statuses.get(s, 0) for s in self.settings.fail_on_statuses)
         if self._stop.is_set():
-            summary.exit_code, summary.reason = ExitCode.INTERRUPTED, "interrupted"
+            summary.exit_code = ExitCode.INTERRUPTED
+            summary.reason = self._budget_lost or "interrupted"
         elif summary.unresolved:
             summary.exit_code = ExitCode.SOME_FAILED
             summary.reason = f"{summary.unresolved} actions could not be looked up"
@@ -655,6 +659,13 @@ class Verifier:
                     await self._unless_stopped(held.enter_async_context(self._throttle.slot()))
                     self.summary.calls += 1
                     return await send()
+            except BudgetLostError as exc:
+                # No new grant without the shared budget, and no silent private one: stop
+                # (the next verify goes on where this one ended).
+                self._budget_lost = f"stopped: {exc}"
+                log.error("verify.budget_lost", error=str(exc))  # noqa: TRY400 - one line
+                self._stop.set()
+                raise _Stopped from None
             except ThrottledError as exc:
                 self.summary.throttled += 1
                 throttled += 1

@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
 # Create (or reuse) ./.venv and install bulkoffboard into it, with the test tools when asked.
+# With "test", also the servers the tests start on loopback (Debian packages): installed with
+# apt-get when running as root (CI, a fresh machine), else named so a developer can install
+# them (the tests that need them skip loudly; under CI=true they fail).
 # Usage: scripts/bootstrap.sh [test]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,3 +14,21 @@ fi
 extra=""
 [ "${1:-}" = "test" ] && extra="[test]"
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".${extra}"
+
+if [ "${1:-}" = "test" ]; then
+  # program -> Debian package
+  declare -A wanted=([redis-server]=redis-server)
+  missing=()
+  for program in "${!wanted[@]}"; do
+    command -v "$program" >/dev/null 2>&1 || missing+=("${wanted[$program]}")
+  done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      echo "installing the test servers: ${missing[*]}" >&2
+      apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    else
+      echo "note: the tests start ${missing[*]} (Debian packages): install them, or those tests skip" >&2
+    fi
+  fi
+fi
