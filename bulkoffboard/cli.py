@@ -525,36 +525,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("--tenant goes with --tenants and --run-dir")
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     observer = _ProgressObserver(args.log_format, args.log_level)
+    source = _source_flags(args)
     summary = _with_signals(
         lambda stop: api.run(
             args.ids,
             journal=args.journal,
-            comment=args.comment,
-            limits=args.limit,
-            margin=args.margin,
-            workers=args.workers,
-            ids_format=args.ids_format,
-            query=args.query,
-            inactive_days=args.inactive_days,
-            health=args.health,
-            os=args.os,
-            tag=args.tag,
-            group=args.group,
-            names=args.names,
-            hunting=args.hunting,
-            exclude_tag=args.exclude_tag,
-            exclude_group=args.exclude_group,
-            exclude_id=args.exclude_id,
-            exclude_name=args.exclude_name,
-            preflight=not args.no_preflight,
-            dry_run=args.dry_run,
-            dry_rows=args.format != "table",
-            max_machines=args.max_machines,
-            yes=args.yes,
-            wait=args.wait,
-            wait_deadline=args.wait_deadline,
-            poll_interval=args.poll_interval,
-            budget=args.budget,
+            os=source.pop("os_platforms"),
+            **source,
+            **_run_flags(args),
             config=args.config,
             connection_overrides=_overrides(args),
             stop=stop,
@@ -566,6 +544,44 @@ def cmd_run(args: argparse.Namespace) -> int:
         _print_plan(summary.plan, args.format)
         return int(ExitCode.OK)
     return _finished(args, summary)
+
+
+def _source_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The source flags other than ``--ids``, as API arguments."""
+    return {
+        "query": args.query,
+        "inactive_days": args.inactive_days,
+        "health": args.health,
+        "os_platforms": args.os,
+        "tag": args.tag,
+        "group": args.group,
+        "names": args.names,
+        "hunting": args.hunting,
+    }
+
+
+def _run_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags of how a run behaves, as API arguments (one tenant or many)."""
+    return {
+        "comment": args.comment,
+        "limits": args.limit,
+        "margin": args.margin,
+        "workers": args.workers,
+        "ids_format": args.ids_format,
+        "exclude_tag": args.exclude_tag,
+        "exclude_group": args.exclude_group,
+        "exclude_id": args.exclude_id,
+        "exclude_name": args.exclude_name,
+        "preflight": not args.no_preflight,
+        "dry_run": args.dry_run,
+        "dry_rows": args.format != "table",
+        "max_machines": args.max_machines,
+        "yes": args.yes,
+        "wait": args.wait,
+        "wait_deadline": args.wait_deadline,
+        "poll_interval": args.poll_interval,
+        "budget": args.budget,
+    }
 
 
 def _finished(args: argparse.Namespace, summary: Summary) -> int:
@@ -693,35 +709,11 @@ def _run_tenants(args: argparse.Namespace) -> int:
             args.tenants,
             args.run_dir,
             only=args.tenant,
-            query=args.query,
-            inactive_days=args.inactive_days,
-            health=args.health,
-            os_platforms=args.os,
-            tag=args.tag,
-            group=args.group,
-            names=args.names,
-            hunting=args.hunting,
+            **_source_flags(args),
             connection_overrides=_overrides(args),
             stop=stop,
             observers=observers,
-            comment=args.comment,
-            limits=args.limit,
-            margin=args.margin,
-            workers=args.workers,
-            ids_format=args.ids_format,
-            exclude_tag=args.exclude_tag,
-            exclude_group=args.exclude_group,
-            exclude_id=args.exclude_id,
-            exclude_name=args.exclude_name,
-            preflight=not args.no_preflight,
-            dry_run=args.dry_run,
-            dry_rows=args.format != "table",
-            max_machines=args.max_machines,
-            yes=args.yes,
-            wait=args.wait,
-            wait_deadline=args.wait_deadline,
-            poll_interval=args.poll_interval,
-            budget=args.budget,
+            **_run_flags(args),
         )
     )
     if args.dry_run:
