@@ -357,6 +357,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(rep)
     rep.set_defaults(func=cmd_report)
 
+    sch = commands.add_parser(
+        "schema",
+        help="print the JSON Schema of the journal (format 1)",
+        description="Print the JSON Schema (draft 2020-12) that every journal line validates "
+        "against, or write it to --output (atomically).",
+    )
+    sch.add_argument("--output", "-o", metavar="PATH", help="write it here instead of stdout")
+    _add_common(sch)
+    sch.set_defaults(func=cmd_schema)
+
     from bulkoffboard import demo  # noqa: PLC0415 - keeps the emulator out of plain runs
 
     demo.add_commands(commands, _add_common)
@@ -781,6 +791,17 @@ def cmd_report(args: argparse.Namespace) -> int:
         reports.write_run_dir(run_dir, journals, args.format, sys.stdout)
         return 0
     reports.write_file(Path(args.journal).expanduser(), args.format, sys.stdout)
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    """``bulkoffboard schema``: the journal's JSON Schema, on stdout or in ``--output``."""
+    from bulkoffboard import journal_schema  # noqa: PLC0415 - only this command reads it
+
+    if args.output is None:
+        sys.stdout.write(journal_schema.text())
+    else:
+        journal_schema.write(Path(args.output).expanduser())
     return 0
 
 

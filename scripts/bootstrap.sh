@@ -16,12 +16,15 @@ extra=""
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".${extra}"
 
 if [ "${1:-}" = "test" ]; then
-  # program -> Debian package
-  declare -A wanted=([redis-server]=redis-server)
+  # program -> Debian package: Redis (the shared budget), PostgreSQL (the export), Chromium
+  # (the HTML reports are opened in a headless browser)
+  declare -A wanted=([redis-server]=redis-server [chromium]=chromium)
   missing=()
   for program in "${!wanted[@]}"; do
     command -v "$program" >/dev/null 2>&1 || missing+=("${wanted[$program]}")
   done
+  # PostgreSQL's server programs are not on PATH: Debian keeps them per major version.
+  compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
   if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
       echo "installing the test servers: ${missing[*]}" >&2
