@@ -3,9 +3,10 @@
 Throttled under the API's sliding limits, journaled to JSONL so an interrupted run resumes
 without offboarding a machine twice.
 
-The public API (a contract, like the command line): :func:`run`, :func:`resume` and
-:func:`verify` (async), :func:`report`, and :func:`check` (async); their results
-(:class:`Summary`, :class:`VerifySummary`, :class:`CheckResult`, :class:`ExitCode`); the
+The public API (a contract, like the command line): :func:`run`, :func:`resume`,
+:func:`verify` and :func:`cancel` (async), :func:`report`, and :func:`check` (async); their
+results (:class:`Summary`, :class:`VerifySummary`, :class:`CancelSummary`,
+:class:`CheckResult`, :class:`ExitCode`); the
 settings a caller may build (:class:`Connection`); the hooks it may pass
 (:class:`RunObserver`); and the error tree rooted at :class:`BulkOffboardError`. See
 :mod:`bulkoffboard.api`.
@@ -14,7 +15,8 @@ settings a caller may build (:class:`Connection`); the hooks it may pass
 __version__ = "0.1.0"
 
 # After __version__: the modules below read it from here.
-from bulkoffboard.api import check, report, resume, run, verify
+from bulkoffboard.api import cancel, check, report, resume, run, verify
+from bulkoffboard.cancel import CancelSummary
 from bulkoffboard.config import Connection
 from bulkoffboard.errors import (
     ApiError,
@@ -33,6 +35,7 @@ __all__ = [
     "ApiError",
     "AuthError",
     "BulkOffboardError",
+    "CancelSummary",
     "CheckResult",
     "Connection",
     "ExitCode",
@@ -44,6 +47,7 @@ __all__ = [
     "UsageError",
     "VerifySummary",
     "__version__",
+    "cancel",
     "check",
     "report",
     "resume",

@@ -33,19 +33,22 @@ import asyncio
 import os
 import sys
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 from bulkoffboard import config as settings
 from bulkoffboard import reports, targeting
+from bulkoffboard.cancel import CancelSummary
 from bulkoffboard.errors import UsageError
 from bulkoffboard.jobs import (
+    CancelRequest,
     CheckResult,
     Confirm,
     Plan,
     RunObserver,
     Targets,
+    cancel_journal,
     check_margin,
     check_workers,
     execute,
@@ -55,7 +58,7 @@ from bulkoffboard.jobs import (
 )
 from bulkoffboard.jobs import check as check_connection
 from bulkoffboard.journal import utc_now
-from bulkoffboard.models import normalize_machine_id
+from bulkoffboard.models import describe_invalid, normalize_machine_id
 from bulkoffboard.runner import Summary
 from bulkoffboard.sources import detect_format, iter_records, spool_stdin
 from bulkoffboard.verify import READ_LIMITS, VerifySettings, VerifySummary
@@ -281,6 +284,8 @@ async def run(
     wait_deadline: float = 3600.0,
     poll_interval: float = 60.0,
     budget: str | None = None,
+    mark: str | None = None,
+    mark_run_id: bool = False,
     connection: settings.Connection | None = None,
     config: PathArg | None = None,
     connection_overrides: Mapping[str, Any] | None = None,
@@ -298,8 +303,9 @@ async def run(
     ``dry_run``: nothing is sent; the summary's ``plan`` says what would be (``dry_rows``
     keeps every machine's row). ``max_machines`` over the plan raises
     :class:`~bulkoffboard.errors.UsageError` unless ``yes`` or ``confirm(plan, question)``
-    says so. ``wait``: follow the actions until final (as ``--wait``). ``stop``: set it to
-    stop (exit 130); ``observer``: hears progress.
+    says so. ``wait``: follow the actions until final (as ``--wait``). ``mark``: tag every
+    machine to offboard first (as ``--mark``; ``mark_run_id`` adds ``bulkoffboard-<run id>``,
+    as ``--mark-run-id``). ``stop``: set it to stop (exit 130); ``observer``: hears progress.
     """
     file_cfg = load_config(config)
     conn = connect(connection, file_cfg, connection_overrides)
@@ -334,6 +340,8 @@ async def run(
         wait_deadline=wait_deadline,
         poll_interval=poll_interval,
         budget=budget,
+        mark=mark,
+        mark_run_id=mark_run_id,
         stop=stop,
         observer=observer,
         confirm=confirm,
@@ -373,6 +381,8 @@ async def run_with(
     wait_deadline: float = 3600.0,
     poll_interval: float = 60.0,
     budget: str | None = None,
+    mark: str | None = None,
+    mark_run_id: bool = False,
     stop: asyncio.Event | None = None,
     observer: RunObserver | None = None,
     confirm: Confirm | None = None,
@@ -430,6 +440,8 @@ async def run_with(
         conn=conn,
         margin_s=margin_s,
         header_extra=header_extra,
+        mark=mark if mark is not None else _mark_setting(file_cfg),
+        mark_run_id=mark_run_id or bool(file_cfg.get("mark_run_id", False)),
     )
     plan = _replace(
         plan,
@@ -447,6 +459,14 @@ async def run_with(
         confirm=confirm,
     )
     return await execute(plan, conn, targets, stop=stop, observer=observer)
+
+
+def _mark_setting(file_cfg: Mapping[str, Any]) -> str | None:
+    """The config file's ``mark`` (a tag), checked to be text."""
+    value = file_cfg.get("mark")
+    if value is None or isinstance(value, str):
+        return value
+    raise UsageError(f"config: mark must be a tag (text), not {value!r}")
 
 
 def _absolute(path: PathArg) -> Path:
@@ -513,6 +533,74 @@ async def verify(
     return await verify_journal(
         journal_path, conn, read_limits, verify_settings, stop=stop, budget=spec
     )
+
+
+async def cancel(
+    journal: PathArg,
+    *,
+    ids: PathArg | Iterable[str] | None = None,
+    comment: str | None = None,
+    dry_run: bool = False,
+    max_machines: int | None = None,
+    yes: bool = False,
+    confirm: Callable[[int, str], bool] | None = None,
+    limits: Sequence[str] | None = None,
+    margin: float | None = None,
+    workers: int | None = None,
+    budget: str | None = None,
+    connection: settings.Connection | None = None,
+    config: PathArg | None = None,
+    connection_overrides: Mapping[str, Any] | None = None,
+    stop: asyncio.Event | None = None,
+) -> CancelSummary:
+    """Cancel the offboard actions the journal's run created that are not final yet, and
+    take its marks off those machines (``bulkoffboard cancel``). ``ids``: only these machines
+    (a file as ``--ids`` reads, or the ids). ``limits``: as ``--limit`` (default: the cancel
+    endpoint's 100/60 and 1500/3600). ``dry_run``: check and say, send no cancel, write
+    nothing. ``max_machines`` as for :func:`run`. Cancelling again retries only what did not
+    settle."""
+    file_cfg = load_config(config)
+    conn = connect(connection, file_cfg, connection_overrides)
+    journal_path = _absolute(journal)
+    text = (comment or file_cfg.get("cancel_comment") or "cancelled by bulkoffboard").strip()
+    if not text:
+        raise UsageError("--comment must not be empty")
+    if max_machines is not None and max_machines < 0:
+        raise UsageError(f"--max-machines must not be negative, not {max_machines}")
+    request = CancelRequest(
+        comment=text,
+        only=_machine_ids(ids) if ids is not None else None,
+        dry_run=dry_run,
+        max_machines=max_machines,
+        assume_yes=yes,
+        confirm=confirm,
+        workers=check_workers(workers, file_cfg),
+    )
+    return await cancel_journal(
+        journal_path,
+        conn,
+        settings.parse_limits(list(limits) if limits else None, {}),
+        request,
+        margin_s=check_margin(margin),
+        stop=stop,
+        budget=settings.budget_spec(budget, file_cfg, os.environ),
+    )
+
+
+def _machine_ids(ids: PathArg | Iterable[str]) -> frozenset[str]:
+    """The machine ids of a file (any format ``--ids`` reads) or a list; a value that is not
+    a machine id is refused, naming it (nothing is sent)."""
+    pairs: Iterable[tuple[str, str, str | None]]
+    if isinstance(ids, str | os.PathLike):
+        pairs = ((r.where, r.raw, r.machine_id) for r in iter_records(_absolute(ids), "auto"))
+    else:
+        pairs = ((f"ids[{n}]", raw, normalize_machine_id(raw)) for n, raw in enumerate(ids))
+    found: set[str] = set()
+    for where, raw, machine_id in pairs:
+        if machine_id is None:
+            raise UsageError(f"{where}: {describe_invalid(raw)} is not a machine id")
+        found.add(machine_id)
+    return frozenset(found)
 
 
 async def check(

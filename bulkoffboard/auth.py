@@ -103,15 +103,28 @@ def load_certificate(path: Path, password: str | None) -> dict[str, Any]:
     return credential
 
 
-def token_roles(token: str) -> list[str]:
-    """The ``roles`` claim of a JWT access token, decoded without checking the signature."""
+def _claims(token: str) -> dict[str, Any]:
+    """The claims of a JWT access token, decoded without checking the signature ({} when it
+    is not one)."""
     try:
         payload = token.split(".")[1]
         claims = orjson.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
     except (IndexError, ValueError, orjson.JSONDecodeError):
-        return []
-    roles = claims.get("roles") if isinstance(claims, dict) else None
+        return {}
+    return claims if isinstance(claims, dict) else {}
+
+
+def token_roles(token: str) -> list[str]:
+    """The ``roles`` claim of a JWT access token (its application permissions)."""
+    roles = _claims(token).get("roles")
     return [str(r) for r in roles] if isinstance(roles, list) else []
+
+
+def granted_permissions(token: str) -> list[str]:
+    """What a JWT access token grants: its ``roles`` (application permissions) and the
+    space-separated ``scp`` claim (delegated ones)."""
+    scopes = _claims(token).get("scp")
+    return token_roles(token) + (scopes.split() if isinstance(scopes, str) else [])
 
 
 def _describe(result: dict[str, Any]) -> tuple[str, str | None]:

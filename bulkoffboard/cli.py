@@ -24,6 +24,7 @@ import orjson
 import structlog
 
 from bulkoffboard import __version__, api, config, logs, reports, targeting, tenants
+from bulkoffboard.cancel import CancelSummary
 from bulkoffboard.errors import AuthError, BulkOffboardError, JournalError, UsageError
 from bulkoffboard.jobs import RunObserver
 from bulkoffboard.progress import Progress, TenantBoard, choose_mode
@@ -280,6 +281,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="--wait's first poll delay; it backs off from there (default 60)",
     )
+    marks = run.add_argument_group("a trace in the portal (needs Machine.ReadWrite.All)")
+    marks.add_argument(
+        "--mark",
+        metavar="TAG",
+        help="tag every machine the plan offboards with TAG before the first offboard call "
+        "(500 a call, journaled: resume does not tag twice; 'cancel' takes it off again)",
+    )
+    marks.add_argument(
+        "--mark-run-id",
+        action="store_true",
+        help="also tag them bulkoffboard-<first 8 of the run id>, to trace this one batch",
+    )
     _add_summary_json(run)
     run.add_argument("--comment", help="the offboard comment (the run id is appended)")
     run.add_argument("--workers", type=int, metavar="N", help="concurrent workers (default 8)")
@@ -338,6 +351,45 @@ def build_parser() -> argparse.ArgumentParser:
     _add_connection(ver)
     _add_common(ver)
     ver.set_defaults(func=cmd_verify)
+
+    can = commands.add_parser(
+        "cancel",
+        help="undo a run: cancel its offboard actions not final yet, take its marks off",
+        description="Cancel the offboard actions the run created that are not final yet "
+        "(each checked against the API first: still open, and its comment carries the run's "
+        "id), never another run's nor someone else's pending offboard; then take the run's "
+        "--mark tags off the machines whose offboard was cancelled. Journaled and resumable: "
+        "cancelling again retries only what did not settle. A cancelled run is not resumed.",
+    )
+    can.add_argument("--journal", metavar="PATH")
+    _add_run_dir(can)
+    can.add_argument(
+        "--ids", metavar="PATH", help="only these machines (a file in any format run reads)"
+    )
+    can.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check and print what would be cancelled and what is too late; send no cancel",
+    )
+    can.add_argument(
+        "--max-machines",
+        type=int,
+        metavar="N",
+        help="refuse to cancel more than N offboards without --yes",
+    )
+    can.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    can.add_argument(
+        "--comment",
+        help="the cancel comment (default: 'cancelled by bulkoffboard'; the run id is appended)",
+    )
+    can.add_argument("--workers", type=int, metavar="N", help="cancels in flight (default 8)")
+    _add_summary_json(can)
+    _add_limits(can)
+    _add_margin(can)
+    _add_budget(can)
+    _add_connection(can)
+    _add_common(can)
+    can.set_defaults(func=cmd_cancel)
 
     check = commands.add_parser(
         "check",
@@ -428,6 +480,11 @@ def _print_plan(prepared: targeting.Prepared, fmt: str) -> None:
 def confirm_on_terminal(prepared: targeting.Prepared, question: str) -> bool:
     """``--max-machines`` on a terminal: show the plan's counts, then ask (Ctrl-D is a no)."""
     _print_plan(prepared, "table")
+    return _ask(question)
+
+
+def _ask(question: str) -> bool:
+    """A yes/no question on the terminal (Ctrl-D is a no)."""
     try:
         answer = input(f"{question} [y/N] ")
     except EOFError:
@@ -591,6 +648,8 @@ def _run_flags(args: argparse.Namespace) -> dict[str, Any]:
         "wait_deadline": args.wait_deadline,
         "poll_interval": args.poll_interval,
         "budget": args.budget,
+        "mark": args.mark,
+        "mark_run_id": args.mark_run_id,
     }
 
 
@@ -684,6 +743,68 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_cancel(args: argparse.Namespace) -> int:
+    """``bulkoffboard cancel``."""
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    options: dict[str, Any] = {
+        "ids": Path(args.ids).expanduser() if args.ids else None,
+        "comment": args.comment,
+        "dry_run": args.dry_run,
+        "max_machines": args.max_machines,
+        "yes": args.yes,
+        "confirm": _confirm_cancel if interactive else None,
+        "limits": args.limit,
+        "margin": args.margin,
+        "workers": args.workers,
+        "budget": args.budget,
+    }
+    if _journal_or_run_dir(args) is None:
+        result = _with_signals(
+            lambda stop: tenants.cancel_tenants(
+                args.run_dir,
+                only=args.tenant,
+                connection_overrides=_overrides(args),
+                stop=stop,
+                **options,
+            )
+        )
+        return _tenants_finished(args, result)
+    journal_path = Path(args.journal).expanduser().absolute()
+    summary = _with_signals(
+        lambda stop: api.cancel(
+            journal_path,
+            config=args.config,
+            connection_overrides=_overrides(args),
+            stop=stop,
+            **options,
+        )
+    )
+    code = _work_done(args, int(summary.exit_code))
+    data = summary.as_dict()
+    _write_summary(args, data, journal_path)
+    out = sys.stdout
+    verb = "cancel --dry-run" if args.dry_run else "cancel"
+    out.write(f"{verb} {journal_path}: {summary.reason} (exit {code})\n")
+    for row in summary.rows:
+        out.write(
+            f"  {row['would']:<18}{row['machine_id']}  {row['action_id'] or '-'}  "
+            f"{row['action_status'] or '-'}\n"
+        )
+    for outcome, number in sorted(summary.counts.items()):
+        out.write(f"  {outcome:<18}{number:>8}\n")
+    for reason, number in sorted(summary.skipped.items()):
+        out.write(f"  {'left: ' + reason:<18}{number:>8}\n")
+    if summary.unmarked:
+        out.write(f"  {'unmarked':<18}{summary.unmarked:>8}\n")
+    out.write(f"cancel calls {summary.calls}, reads {summary.reads}, 429s {summary.throttled}\n")
+    return code
+
+
+def _confirm_cancel(count: int, question: str) -> bool:
+    """``cancel --max-machines`` on a terminal: ask (Ctrl-D is a no)."""
+    return _ask(question)
+
+
 def _journal_or_run_dir(args: argparse.Namespace) -> Path | None:
     """``--journal`` (a path) or ``--run-dir`` (None): exactly one of them."""
     if bool(args.journal) == bool(args.run_dir):
@@ -756,7 +877,7 @@ def _tenants_finished(args: argparse.Namespace, result: tenants.TenantsSummary) 
         summary = tenant.summary
         machines = (
             sum(n for n in summary.counts.values() if n)
-            if isinstance(summary, Summary)
+            if isinstance(summary, Summary | CancelSummary)
             else sum(summary.statuses.values())
             if isinstance(summary, VerifySummary)
             else 0

@@ -31,6 +31,7 @@ from bulkoffboard.errors import (
 from bulkoffboard.models import (
     MAX_TAG_BATCH,
     MachineAction,
+    check_tag,
     describe_invalid,
     normalize_action_id,
     normalize_machine_id,
@@ -125,8 +126,7 @@ def _check_tag(tag: str, action: str) -> None:
     """Refuse what the tag endpoints would refuse (mde-api.md section 5b), before sending."""
     if action not in ("Add", "Remove"):
         raise ValueError(f"tag action must be 'Add' or 'Remove', not {describe_invalid(action)}")
-    if not tag.strip():
-        raise ValueError("a tag must not be empty")
+    check_tag(tag)
 
 
 class MdeClient:

@@ -95,6 +95,9 @@ FILE_KEYS: dict[str, type | tuple[type, ...]] = {
     "exclude_ids": list,
     "exclude_names": list,
     "budget": str,
+    "mark": str,
+    "mark_run_id": bool,
+    "cancel_comment": str,
 }
 
 #: ``--budget`` when nothing names one: a ledger shared on this host (bulkoffboard.budget).

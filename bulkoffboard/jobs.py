@@ -42,6 +42,7 @@ from bulkoffboard.auth import (
 )
 from bulkoffboard.budget import BudgetKey, open_budget
 from bulkoffboard.budget import label as budget_label
+from bulkoffboard.cancel import Canceller, CancelSettings, CancelSummary, plan_cancel
 from bulkoffboard.client import MdeClient
 from bulkoffboard.errors import (
     ApiError,
@@ -61,11 +62,13 @@ from bulkoffboard.journal import (
     replay_file,
     utc_now,
 )
+from bulkoffboard.marks import Marker, MarkSummary, can_mark, marks_of, tags_for
+from bulkoffboard.marks import check_permission as check_mark_permission
 from bulkoffboard.models import Outcome
 from bulkoffboard.progress import throttle_eta
 from bulkoffboard.reads import ReadPolicy
 from bulkoffboard.runner import ExitCode, Runner, RunSettings, Summary
-from bulkoffboard.sources import iter_records
+from bulkoffboard.sources import Deduplicator, iter_records
 from bulkoffboard.throttle import ANSWER_TIMEOUT_S, Limit, Throttle
 from bulkoffboard.verify import VerifySettings, VerifySummary, verify
 
@@ -131,6 +134,9 @@ class Plan:
     #: Where the rate budgets live (:func:`bulkoffboard.budget.open_budget`): None or "none"
     #: this process's alone; "default" or a directory: a ledger shared on this host.
     budget: str | None = None
+    #: ``--mark``/``--mark-run-id``: tags put on every machine to offboard, before the first
+    #: offboard call (:mod:`bulkoffboard.marks`).
+    marks: tuple[str, ...] = ()
 
 
 def sha256_file(path: Path) -> str:
@@ -303,6 +309,8 @@ async def _with_client(
     stop = stop or asyncio.Event()
     replay: Replay
     total: int | None = None
+    if plan.marks:
+        check_mark_permission(await tokens.token())
     if plan.header is not None:
         targets = targets or Targets(
             targeting.Request("file", plan.source_path, plan.source_format)
@@ -330,6 +338,13 @@ async def _with_client(
             raise
     else:
         journal, replay = opened or Journal.resume(plan.journal_path)
+        if "cancel" in replay.session_commands:
+            journal.close()
+            raise UsageError(
+                f"run {replay.run_id} was cancelled ('bulkoffboard cancel'): its offboards "
+                "were withdrawn on purpose, so it is not resumed; start a new run for the "
+                "machines that should go"
+            )
         if not replay.planned:
             try:
                 await _replan(plan, client, reads, journal, replay)
@@ -624,10 +639,27 @@ async def _run_session(  # noqa: PLR0917 - the wiring of one session
             runner.request_stop()
 
     stopping.add_done_callback(on_stop)
-    if observer is not None:
-        observer.run_started(total, throttle_eta(throttle))
+    marked: MarkSummary | None = None
     try:
+        if plan.marks:
+            marked = await _unless_stopped(
+                _mark(plan, client, journal, replay, budgets, _read_policy(plan)), stop
+            )
+            if marked is None:
+                stopped = Summary(
+                    exit_code=ExitCode.INTERRUPTED,
+                    reason="interrupted while marking: no offboard was sent",
+                )
+                stopped.finished = stopped.started
+                return stopped
+        if observer is not None:
+            observer.run_started(total, throttle_eta(throttle))
         summary = await runner.run(iter_records(plan.source_path, plan.source_format))
+        if marked is not None:
+            summary.marks = marked.as_dict()
+            if marked.failed and summary.exit_code == ExitCode.OK:
+                summary.exit_code = ExitCode.SOME_FAILED
+                summary.reason = f"{marked.failed} machines could not be marked"
         if observer is not None:
             observer.run_stopped()
         if plan.wait_deadline_s is not None and summary.exit_code in (
@@ -659,6 +691,36 @@ async def _run_session(  # noqa: PLR0917 - the wiring of one session
         await throttle.aclose()  # the last answers reach the shared budget
 
 
+async def _mark(  # noqa: PLR0917 - the wiring of the marking pass
+    plan: Plan,
+    client: MdeClient,
+    journal: Journal,
+    replay: Replay,
+    budgets: Budgets,
+    policy: ReadPolicy,
+) -> MarkSummary:
+    """``--mark``: tag every machine the session will offboard (the source's valid ids not
+    settled by the journal), before the first offboard call; what the journal shows tagged
+    already is not tagged again."""
+    tags = await budgets.throttle("tags", plan.limits, plan.margin_s)
+    marker = Marker(client, journal, replay, tags, policy=policy)
+    try:
+        for tag in plan.marks:
+            seen = Deduplicator()
+            wanted = (
+                record.machine_id
+                for record in iter_records(plan.source_path, plan.source_format)
+                if record.machine_id is not None
+                and not replay.is_final(record.machine_id)
+                and seen.add(record.machine_id)
+            )
+            tagged = await marker.apply("Add", tag, wanted)
+            log.info("run.marked", tag=tag, machines=tagged)
+    finally:
+        await tags.aclose()
+    return marker.summary
+
+
 def new_plan(
     *,
     journal_path: Path,
@@ -669,12 +731,15 @@ def new_plan(
     conn: config.Connection,
     margin_s: float | None = None,
     header_extra: Mapping[str, Any] | None = None,
+    mark: str | None = None,
+    mark_run_id: bool = False,
 ) -> Plan:
     """A fresh run: a new run id and the journal header that records everything resume needs
     (never a secret); ``header_extra``: more header fields (a tenant's name and run
     directory)."""
     source_path = Path(str(source["path"]))
     run_id = str(uuid.uuid4())
+    marks = tags_for(mark, with_run_id=mark_run_id, run_id=run_id)
     header = {
         "format": FORMAT_VERSION,
         "tool": TOOL,
@@ -692,6 +757,7 @@ def new_plan(
         "tenant_id": conn.tenant_id,
         "client_id": conn.client_id,
         **({"margin_s": margin_s} if margin_s is not None else {}),
+        **({"mark": list(marks)} if marks else {}),
         **(header_extra or {}),
     }
     return Plan(
@@ -704,6 +770,7 @@ def new_plan(
         limits,
         header,
         margin_s=margin_s,
+        marks=marks,
     )
 
 
@@ -761,6 +828,7 @@ def plan_resume(
         limits=limits,
         header=None,
         margin_s=margin_s,
+        marks=marks_of(header),
     )
 
 
@@ -825,6 +893,15 @@ async def check(conn: config.Connection) -> CheckResult:
             found.append(("ok", "Machine.Offboard granted"))
         else:
             found.append(("missing", f"Machine.Offboard (required to offboard): {_GRANT_HINT}"))
+        if can_mark(token):
+            found.append(("ok", "marking possible (--mark): Machine.ReadWrite.All granted"))
+        else:
+            found.append(
+                (
+                    "warn",
+                    "marking not possible (--mark needs Machine.ReadWrite.All): " + _GRANT_HINT,
+                )
+            )
         for names, purpose in _RECOMMENDED_ROLES.items():
             if roles.intersection(names):
                 found.append(("ok", f"{' or '.join(names)} granted"))
@@ -848,6 +925,131 @@ async def check(conn: config.Connection) -> CheckResult:
         tokens.close()
 
 
+@dataclass(frozen=True, slots=True)
+class CancelRequest:
+    """What ``bulkoffboard cancel`` was asked: the operator's comment, which machines, how
+    carefully (as :class:`Targets` for a run)."""
+
+    comment: str = config.DEFAULT_COMMENT
+    #: Only these machines (``--ids``); None: every machine of the run.
+    only: frozenset[str] | None = None
+    dry_run: bool = False
+    max_machines: int | None = None
+    assume_yes: bool = False
+    #: Asked when more than ``max_machines`` would be cancelled and ``assume_yes`` is off.
+    confirm: Callable[[int, str], bool] | None = None
+    workers: int = 8
+    #: Extra CancelSettings fields (backoff...), for tests.
+    tuning: Mapping[str, Any] = field(default_factory=dict)
+
+
+async def cancel_journal(
+    journal_path: Path,
+    conn: config.Connection,
+    limits: tuple[Limit, ...],
+    request: CancelRequest,
+    *,
+    margin_s: float | None = None,
+    stop: asyncio.Event | None = None,
+    budget: str | None = None,
+) -> CancelSummary:
+    """Cancel the run's offboard actions not final yet (``bulkoffboard cancel``): lock the
+    journal (a dry run only reads it), check it belongs to the connection's tenant, journal a
+    session, check and cancel under ``limits`` (the cancel endpoint's, and the same for the
+    reads and the tag calls that take the run's marks off), journal the end."""
+    stop = stop or asyncio.Event()
+    tokens = make_tokens(conn)
+    journal: Journal | None = None
+    budgets = Budgets(budget, conn)
+    throttles: list[Throttle] = []
+    try:
+        await tokens.token()
+        if request.dry_run:
+            replay = replay_file(journal_path)
+        else:
+            journal, replay = Journal.resume(journal_path)
+        _check_tenant(replay, conn, journal_path)
+        plan = plan_cancel(replay, request.only)
+        _cancel_breaker(len(plan.targets), request)
+        if journal is not None:
+            journal.append(
+                {
+                    "type": "session",
+                    "at": iso(utc_now()),
+                    "pid": os.getpid(),
+                    "command": "cancel",
+                    "tool_version": __version__,
+                    "budget": budgets.label,
+                },
+                sync=True,
+            )
+        for kind in ("cancel", "reads", "tags"):
+            throttles.append(await budgets.throttle(kind, limits, margin_s))
+        cancels, reads, tags = throttles
+        timeout = aiohttp.ClientTimeout(total=ANSWER_TIMEOUT_S, connect=15, sock_read=60)
+        async with aiohttp.ClientSession(timeout=timeout, trust_env=True) as session:
+            client = MdeClient(session, conn.api_url, tokens, ssl_context=_ssl_for(conn))
+            canceller = Canceller(
+                client=client,
+                journal=journal,
+                replay=replay,
+                throttle=cancels,
+                reads=reads,
+                tags=tags,
+                settings=CancelSettings(
+                    comment=request.comment,
+                    run_id=replay.run_id,
+                    workers=request.workers,
+                    only=request.only,
+                    dry_run=request.dry_run,
+                    marks=marks_of(replay.header),
+                    **request.tuning,
+                ),
+                stop=stop,
+            )
+            summary = await canceller.run(plan)
+        if journal is not None:
+            journal.append(
+                {
+                    "type": "end",
+                    "at": iso(utc_now()),
+                    "exit_code": int(summary.exit_code),
+                    "reason": summary.reason,
+                    "cancels": dict(summary.journal_counts),
+                },
+                sync=True,
+            )
+        return summary
+    finally:
+        for throttle in throttles:
+            await throttle.aclose()
+        if journal is not None:
+            journal.close()
+        tokens.close()
+
+
+def _check_tenant(replay: Replay, conn: config.Connection, journal_path: Path) -> None:
+    tenant = replay.header.get("tenant_id")
+    if tenant and conn.credential_kind != "managed_identity" and tenant != conn.tenant_id:
+        raise UsageError(
+            f"journal {journal_path} belongs to tenant {tenant}, not {conn.tenant_id}: "
+            "its actions would all look missing"
+        )
+
+
+def _cancel_breaker(count: int, request: CancelRequest) -> None:
+    """``--max-machines`` for a cancel: refuse to look at more, unless confirmed."""
+    limit = request.max_machines
+    if limit is None or count <= limit or request.assume_yes or request.dry_run:
+        return
+    text = f"would cancel up to {count} offboards, over the limit of {limit} (--max-machines)"
+    if request.confirm is not None:
+        if request.confirm(count, f"{text}. Cancel them?"):
+            return
+        raise UsageError("not confirmed: nothing was sent")
+    raise UsageError(f"{text}: nothing was sent; check with --dry-run, then add --yes")
+
+
 async def verify_journal(
     journal_path: Path,
     conn: config.Connection,
@@ -865,12 +1067,7 @@ async def verify_journal(
         await tokens.token()
         journal, replay = Journal.resume(journal_path)
         try:
-            tenant = replay.header.get("tenant_id")
-            if tenant and conn.credential_kind != "managed_identity" and tenant != conn.tenant_id:
-                raise UsageError(
-                    f"journal {journal_path} belongs to tenant {tenant}, not {conn.tenant_id}: "
-                    "its actions would all look missing"
-                )
+            _check_tenant(replay, conn, journal_path)
             journal.append(
                 {
                     "type": "session",

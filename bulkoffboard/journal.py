@@ -1,20 +1,39 @@
 """The JSONL journal: append-only, one whole flushed line per event, locked, replayable.
 
-Format (version 1), one JSON object per line, ``type`` first:
+Format (version 1), one JSON object per line, ``type`` first. The published JSON Schema of
+every record is ``bulkoffboard/journal.schema.json`` (``bulkoffboard schema`` prints it):
 
 ``header``   first line: ``format``, ``tool``, ``tool_version``, ``run_id``, ``created_at``,
-             ``source``, ``comment``, ``limits`` (list of ``[calls, period_s]``), ``workers``,
-             ``api_url``, ``tenant_id``, ``client_id``.
-``session``  each time a process starts writing: ``at``, ``pid``, ``command``.
-``attempt``  written BEFORE an offboard request is sent: ``machine_id``, ``attempt`` (1-based,
-             across sessions), ``at`` (send time).
+             ``source`` (``kind``, ``path``, ``format``, ``sha256``...), ``comment``,
+             ``limits`` (list of ``[calls, period_s]``), ``workers``, ``api_url``,
+             ``tenant_id``, ``client_id``; optionally ``margin_s``, ``exclusions``,
+             ``max_machines``, ``mark`` (the tags ``run --mark`` puts on the plan's machines),
+             ``tenant_name`` and ``run_dir`` (a tenants run).
+``session``  each time a process starts writing: ``at``, ``pid``, ``command`` (``run``,
+             ``resume``, ``verify`` or ``cancel``), ``tool_version``, ``budget``.
+``attempt``  written (and fsynced) BEFORE an offboard request is sent: ``machine_id``,
+             ``attempt`` (1-based, across sessions), ``at`` (send time).
 ``result``   after a machine ends: ``machine_id``, ``outcome``, ``action_id``, ``action_status``,
-             ``http_status``, ``error_code``, ``message``, ``attempts``, ``at``; for
-             ``invalid_id`` also ``where`` (file:line) and ``input`` (the rejected value).
+             ``http_status`` (0 when no HTTP answer came), ``error_code``, ``message``,
+             ``attempts``, ``at``; for ``invalid_id`` and ``unresolved`` (``machine_id``
+             null) also ``where`` (file:line) and ``input`` (the rejected value); a decision
+             of the plan (exclusions, preflight) also ``stage: "plan"`` and its ``rule``.
+``plan``     every planning decision is journaled: ``at``, ``would_offboard``, ``skipped``,
+             ``invalid_id``, ``duplicates``, ``notes``.
 ``status``   a later look at an action (verify): ``machine_id``, ``action_id``,
              ``action_status``, ``at``.
-``plan``     every planning decision (exclusions, preflight) is journaled: ``at``, ``counts``.
-``end``      a process stopped: ``at``, ``exit_code``, ``reason``, ``counts``.
+``tag``      a tag call on up to 500 machines (``run --mark``, undone by ``cancel``):
+             ``stage`` (``attempt`` before the call, ``result`` after), ``action`` (``Add`` or
+             ``Remove``), ``value``, ``machine_ids``, ``at``; a result also ``outcome``
+             (``tagged`` or ``failed``), ``http_status``, ``error_code``, ``message``.
+``cancel``   cancelling the offboard action of a machine: ``stage`` ``attempt`` (fsynced before
+             the call: ``machine_id``, ``action_id``, ``attempt``, ``at``) or ``result``
+             (``machine_id``, ``action_id``, ``outcome``: ``cancelled``, ``too_late`` or
+             ``failed``, ``action_status`` as found, ``http_status``, ``error_code``,
+             ``message``, ``at``). The last cancel result of a machine wins; its
+             ``action_status`` is the action's latest known status, as a ``status`` record's.
+``end``      a process stopped: ``at``, ``exit_code``, ``reason``, ``counts`` (a run) or
+             ``action_statuses`` (verify) or ``cancels`` (cancel).
 
 Times are ISO-8601 UTC with microseconds and a ``Z``. The last ``result`` of a machine wins.
 A machine whose last ``attempt`` has no later ``result`` is *in doubt*: the request may have
@@ -459,6 +478,31 @@ class ActionSeen:
     verified: bool = True
 
 
+@dataclass(frozen=True, slots=True)
+class CancelSeen:
+    """The latest ``cancel`` record of a machine: an attempt without a result yet (in doubt:
+    the cancel may have reached MDE), or the last result."""
+
+    action_id: str | None
+    #: ``attempt`` or ``result``.
+    stage: str
+    #: The last result's outcome (``cancelled``, ``too_late``, ``failed``); None before any.
+    outcome: str | None
+    #: Cancel calls made for this machine, across sessions.
+    attempts: int
+    at: str
+
+    @property
+    def in_doubt(self) -> bool:
+        """True when the last cancel call has no result after it."""
+        return self.stage == "attempt"
+
+    @property
+    def settled(self) -> bool:
+        """True when nothing is left to do: cancelled, or found too late."""
+        return self.stage == "result" and self.outcome in ("cancelled", "too_late")
+
+
 class RecentSends:
     """The latest attempts (sends) of a journal and, for each, the latest moment its call can
     have arrived.
@@ -600,12 +644,20 @@ class Replay:
         self.recent_result_pairs: collections.deque[tuple[float, float]] = collections.deque(
             maxlen=256
         )
-        #: The last ``status`` record of each machine (verify's looks at its action).
+        #: The last ``status`` record of each machine (verify's looks at its action), or the
+        #: status its last cancel result found.
         self.statuses: dict[str, ActionSeen] = {}
+        #: The last ``cancel`` record of each machine (``bulkoffboard cancel``).
+        self.cancels: dict[str, CancelSeen] = {}
+        #: Tag value -> machine (20-byte key) -> the action of its last successful tag call
+        #: (``Add`` or ``Remove``): what ``run --mark`` put on and ``cancel`` took off.
+        self.marks: dict[str, dict[bytes, str]] = {}
         self.sessions = 0
         #: The rate budget each session drew on (its ``budget`` field; "none" before there
         #: was one): a resume on the same shared ledger need not seed the sends again.
         self.session_budgets: set[str] = set()
+        #: The commands of the sessions (``run``, ``resume``, ``verify``, ``cancel``).
+        self.session_commands: set[str] = set()
         self.lines = 0
         self.torn_tail = False
         #: True once a ``plan`` record says every planning decision was journaled.
@@ -728,6 +780,23 @@ class Replay:
                 verified=False,
             )
         return None
+
+    def cancel_counts(self) -> collections.Counter[str]:
+        """Machines by the outcome of their last cancel result (``in_doubt``: a cancel call
+        without a result yet)."""
+        return collections.Counter(
+            "in_doubt" if seen.in_doubt else str(seen.outcome) for seen in self.cancels.values()
+        )
+
+    def marked(self, tag: str) -> set[str]:
+        """Machines that carry ``tag`` by this run's doing (their last successful tag call on
+        it was an Add)."""
+        return {key.hex() for key, action in self.marks.get(tag, {}).items() if action == "Add"}
+
+    def is_marked(self, tag: str, machine_id: str) -> bool:
+        """True when this run's last successful tag call for the machine added ``tag``."""
+        key = _key_of(machine_id)
+        return key is not None and self.marks.get(tag, {}).get(key) == "Add"
 
     # -- folding ---------------------------------------------------------------------------------
 
@@ -1039,6 +1108,9 @@ def _fold(
     kind = record.get("type")
     if kind == "session":
         replay.sessions += 1
+        command = record.get("command")
+        if isinstance(command, str):
+            replay.session_commands.add(command)
         budget = record.get("budget")
         replay.session_budgets.add(budget if isinstance(budget, str) else "none")
         if recency and isinstance(record.get("at"), str):
@@ -1049,6 +1121,12 @@ def _fold(
         return
     if kind == "status":
         _fold_status(replay, record)
+        return
+    if kind == "cancel":
+        _fold_cancel(replay, record)
+        return
+    if kind == "tag":
+        _fold_tag(replay, record)
         return
     if kind not in ("attempt", "result"):
         return  # header repeats, end and unknown types do not change the plan
@@ -1111,6 +1189,53 @@ def _fold_status(replay: Replay, record: dict[str, Any]) -> None:
         action_status=status,
         at=at if isinstance(at, str) else "",
     )
+
+
+def _fold_cancel(replay: Replay, record: dict[str, Any]) -> None:
+    """Keep the latest ``cancel`` record of a machine; a result's ``action_status`` is also
+    the action's latest known status. Incomplete records are skipped (as status records)."""
+    machine_id = record.get("machine_id")
+    stage = record.get("stage")
+    if not isinstance(machine_id, str) or stage not in ("attempt", "result"):
+        return
+    action_id = record.get("action_id")
+    action_id = action_id if isinstance(action_id, str) else None
+    at = record.get("at")
+    at = at if isinstance(at, str) else ""
+    before = replay.cancels.get(machine_id)
+    attempts = before.attempts if before is not None else 0
+    if stage == "attempt":
+        number = record.get("attempt")
+        attempts = max(attempts, number if isinstance(number, int) else attempts + 1)
+        outcome = before.outcome if before is not None else None
+    else:
+        outcome = str(record.get("outcome"))
+        status = record.get("action_status")
+        if isinstance(status, str) and status:
+            replay.statuses[machine_id] = ActionSeen(
+                action_id=action_id, action_status=status, at=at
+            )
+    replay.cancels[machine_id] = CancelSeen(action_id, stage, outcome, attempts, at)
+
+
+def _fold_tag(replay: Replay, record: dict[str, Any]) -> None:
+    """Note the machines a successful tag call added the tag to, or removed it from."""
+    if record.get("stage") != "result" or record.get("outcome") != "tagged":
+        return
+    value, action, machine_ids = (
+        record.get("value"),
+        record.get("action"),
+        record.get("machine_ids"),
+    )
+    if not isinstance(value, str) or action not in ("Add", "Remove"):
+        return
+    if not isinstance(machine_ids, list):
+        return
+    marks = replay.marks.setdefault(value, {})
+    for machine_id in machine_ids:
+        key = _key_of(machine_id) if isinstance(machine_id, str) else None
+        if key is not None:
+            marks[key] = sys.intern(action)
 
 
 def _epoch_of(text: str | bytes) -> float | None:

@@ -43,6 +43,28 @@ def normalize_action_id(value: str) -> str | None:
     return candidate.lower()
 
 
+#: Longest tag bulkoffboard sends. The API documents no maximum (mde-api.md section 5b: keep to
+#: printable characters and at most 200 of them).
+MAX_TAG_LENGTH = 200
+
+
+def check_tag(value: str) -> str:
+    """``value`` as a tag to send, or ValueError saying what is wrong with it: not empty, no
+    white space around it, at most :data:`MAX_TAG_LENGTH` printable characters."""
+    if not value or not value.strip():
+        raise ValueError("a tag must not be empty")
+    if value != value.strip():
+        raise ValueError(f"tag {describe_invalid(value)} has white space around it")
+    if len(value) > MAX_TAG_LENGTH:
+        raise ValueError(
+            f"tag {describe_invalid(value)} is {len(value)} characters long; at most "
+            f"{MAX_TAG_LENGTH} are sent"
+        )
+    if not value.isprintable():
+        raise ValueError(f"tag {describe_invalid(value)} holds a character that is not printable")
+    return value
+
+
 def describe_invalid(value: str, limit: int = 60) -> str:
     """A short, printable rendering of a rejected value for one-line error messages."""
     shown = value if len(value) <= limit else value[:limit] + "..."
@@ -97,6 +119,8 @@ class MachineAction:
     requestor_comment: str | None
     creation_time: str | None
     last_update_time: str | None
+    #: Set once the action was cancelled: the comment the cancel sent (None otherwise).
+    cancellation_comment: str | None = None
 
     @classmethod
     def from_api(cls, data: dict[str, Any]) -> MachineAction:
@@ -112,6 +136,7 @@ class MachineAction:
             requestor_comment=_field(data, "requestorComment"),
             creation_time=_field(data, "creationDateTimeUtc"),
             last_update_time=_field(data, "lastUpdateDateTimeUtc", "lastUpdateTimeUtc"),
+            cancellation_comment=_field(data, "cancellationComment"),
         )
 
     @property

@@ -31,7 +31,15 @@ from typing import Any, TextIO
 import orjson
 
 from bulkoffboard import __version__
-from bulkoffboard.journal import ActionSeen, Replay, iso, parse_iso, replay_file, utc_now
+from bulkoffboard.journal import (
+    ActionSeen,
+    CancelSeen,
+    Replay,
+    iso,
+    parse_iso,
+    replay_file,
+    utc_now,
+)
 from bulkoffboard.models import Outcome
 from bulkoffboard.throttle import DEFAULT_LIMITS, Limit
 
@@ -76,13 +84,22 @@ def identity(replay: Replay) -> dict[str, Any]:
 def summary(replay: Replay) -> dict[str, Any]:
     """The JSON report: ``counts``, ``total``, ``in_doubt`` and the run's identity."""
     tally = counts(replay)
+    cancels = cancel_counts(replay)
     return {
         "run": identity(replay),
         "counts": tally,
         "total": sum(tally.values()),
         "in_doubt": len(replay.in_doubt()),
         "sessions": replay.sessions,
+        "cancelled": cancels.get("cancelled", 0),
+        "cancels": cancels,
     }
+
+
+def cancel_counts(replay: Replay) -> dict[str, int]:
+    """``bulkoffboard cancel``: machines by the outcome of their last cancel (``cancelled``,
+    ``too_late``, ``failed``; ``in_doubt``: sent, no result recorded)."""
+    return dict(sorted(replay.cancel_counts().items()))
 
 
 def render_json(replay: Replay) -> str:
@@ -226,6 +243,9 @@ def render_table(replay: Replay) -> str:
     if info["in_doubt"]:
         lines.append(f"{'in doubt':<18}{info['in_doubt']:>10}")
     lines.append(f"{'total':<18}{info['total']:>10}")
+    if info["cancels"]:
+        lines += ["", f"{'cancel':<18}{'machines':>10}"]
+        lines += [f"{outcome:<18}{number:>10}" for outcome, number in info["cancels"].items()]
     statuses, attention = follow_up(replay)
     if statuses:
         lines += ["", f"{'action status':<18}{'machines':>10}"]
@@ -281,12 +301,13 @@ def follow_up(replay: Replay) -> tuple[dict[str, int], list[dict[str, Any]]]:
     (:func:`rows`, the view every format shares; each result line is read once)."""
     found: list[dict[str, Any]] = []
     tally: collections.Counter[str] = collections.Counter()
+    cancels = replay.cancels
     for row in rows(replay, (*ATTENTION_OUTCOMES, *FOLLOWED_OUTCOMES)):
         status = row["action_status"]
         message = row["message"]
         if row["outcome"] in FOLLOWED_OUTCOMES:
             tally[status or "unknown"] += 1
-            if status not in ATTENTION_STATUSES:
+            if status not in ATTENTION_STATUSES or _cancelled_on_purpose(cancels, row):
                 continue
             message = f"the offboard action ended {status}"
         found.append(
@@ -303,6 +324,18 @@ def follow_up(replay: Replay) -> tuple[dict[str, int], list[dict[str, Any]]]:
         )
     ordered = {s: tally[s] for s in _STATUS_ORDER if tally.get(s)}
     return ordered | {s: n for s, n in sorted(tally.items()) if s not in ordered}, found
+
+
+def _cancelled_on_purpose(cancels: Mapping[str, CancelSeen], row: dict[str, Any]) -> bool:
+    """True when ``bulkoffboard cancel`` cancelled the row's action: an undone offboard,
+    not one that needs a person."""
+    seen = cancels.get(row["machine_id"])
+    return (
+        seen is not None
+        and seen.outcome == "cancelled"
+        and row["action_status"] == "Cancelled"
+        and seen.action_id in (None, row["action_id"])
+    )
 
 
 def summary_with_actions(replay: Replay) -> dict[str, Any]:
@@ -606,6 +639,11 @@ def render_markdown(replay: Replay, *, timeline: Timeline | None = None) -> str:
         out += [f"| {_md(k)} | {n:,} |" for k, n in statuses.items()]
     else:
         out.append("No offboard actions recorded.")
+    cancels = cancel_counts(replay)
+    if cancels:
+        out += ["", "## Cancelled (`bulkoffboard cancel`)", ""]
+        out += ["| cancel | machines |", "|---|---:|"]
+        out += [f"| {_md(k)} | {n:,} |" for k, n in cancels.items()]
     out += ["", "## Offboard calls", ""]
     out += [f"- {_md(fact)}" for fact in _calls_facts(timeline, limits)]
     hours = _per_hour(timeline)
@@ -835,6 +873,15 @@ def _html_sections(replay: Replay, timeline: Timeline | None = None) -> list[str
         )
     else:
         out.append('<p class="muted">No offboard actions recorded.</p>')
+    cancels = cancel_counts(replay)
+    if cancels:
+        out.append("<h2>Cancelled (<code>bulkoffboard cancel</code>)</h2>")
+        out.append(
+            _html_table(
+                [("", "cancel"), ("n", "machines")],
+                (([("", _h(k)), ("n", f"{n:,}")] for k, n in cancels.items())),
+            )
+        )
     out.append("<h2>Offboard calls</h2>")
     out += [f"<p>{_h(fact)}</p>" for fact in _calls_facts(timeline, limits)]
     if timeline.per_minute:

@@ -96,6 +96,8 @@ class Summary:
     unprocessed: int = 0
     #: ``run --wait``: what following the actions found.
     waited: dict[str, Any] | None = None
+    #: ``run --mark``: what tagging did (:meth:`bulkoffboard.marks.MarkSummary.as_dict`).
+    marks: dict[str, Any] | None = None
     #: A dry run's plan (what would be offboarded and skipped, and why); None otherwise.
     plan: Prepared | None = None
     #: The run's id and its journal (None for a dry run, which writes none).
@@ -125,6 +127,7 @@ class Summary:
             "exit_code": int(self.exit_code),
             "reason": self.reason,
             **({"waited": self.waited} if self.waited is not None else {}),
+            **({"marks": self.marks} if self.marks is not None else {}),
         }
 
 

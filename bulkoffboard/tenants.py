@@ -27,6 +27,7 @@ from typing import Any
 import structlog
 
 from bulkoffboard import api, config
+from bulkoffboard.cancel import CancelSummary
 from bulkoffboard.errors import AuthError, BulkOffboardError, JournalError, UsageError
 from bulkoffboard.jobs import RunObserver
 from bulkoffboard.runner import ExitCode, Summary
@@ -67,7 +68,7 @@ class TenantResult:
     reason: str
     journal: Path
     #: The job's summary; None when it ended in an error before it had one.
-    summary: Summary | VerifySummary | None = None
+    summary: Summary | VerifySummary | CancelSummary | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-friendly view: the summary's fields, the exit code and the reason."""
@@ -93,10 +94,11 @@ class TenantsSummary:
 
     @property
     def counts(self) -> collections.Counter[str]:
-        """Machines by outcome over every tenant's journal (run and resume summaries)."""
+        """Machines by outcome over every tenant's journal (run and resume summaries), or
+        by this cancel's outcome (cancel summaries)."""
         total: collections.Counter[str] = collections.Counter()
         for tenant in self.tenants:
-            if isinstance(tenant.summary, Summary):
+            if isinstance(tenant.summary, Summary | CancelSummary):
                 total.update({k: n for k, n in tenant.summary.counts.items() if n})
         return total
 
@@ -165,7 +167,9 @@ def read_run_dir(run_dir: Path) -> tuple[config.TenantSettings, ...]:
 
 
 async def _guarded(
-    name: str, journal: Path, work: Callable[[], Awaitable[Summary | VerifySummary]]
+    name: str,
+    journal: Path,
+    work: Callable[[], Awaitable[Summary | VerifySummary | CancelSummary]],
 ) -> TenantResult:
     """Run one tenant's job; its errors become its result (the others go on)."""
     try:
@@ -335,21 +339,51 @@ async def verify_tenants(
 ) -> TenantsSummary:
     """Verify every tenant's journal of a run directory, side by side; ``options`` as
     :func:`bulkoffboard.api.verify`'s (``until_final``, ``deadline``, ...)."""
+
+    async def one(journal: Path, conn: config.Connection) -> VerifySummary:
+        return await api.verify(journal, connection=conn, stop=stop, **options)
+
+    return await _each_journal(run_dir, only, connection_overrides, one)
+
+
+async def cancel_tenants(
+    run_dir: api.PathArg,
+    *,
+    only: Iterable[str] | None = None,
+    connection_overrides: Mapping[str, Any] | None = None,
+    stop: asyncio.Event | None = None,
+    **options: Any,
+) -> TenantsSummary:
+    """Cancel every tenant's open offboards of a run directory, side by side; ``options``
+    as :func:`bulkoffboard.api.cancel`'s (``ids``, ``dry_run``, ``comment``, ...)."""
+
+    async def one(journal: Path, conn: config.Connection) -> CancelSummary:
+        return await api.cancel(journal, connection=conn, stop=stop, **options)
+
+    return await _each_journal(run_dir, only, connection_overrides, one)
+
+
+async def _each_journal(
+    run_dir: api.PathArg,
+    only: Iterable[str] | None,
+    connection_overrides: Mapping[str, Any] | None,
+    job: Callable[[Path, config.Connection], Awaitable[Summary | VerifySummary | CancelSummary]],
+) -> TenantsSummary:
+    """``job`` on each chosen tenant's journal with its own connection, side by side."""
     folder = _absolute(run_dir)
     chosen = select(read_run_dir(folder), only)
 
-    def job(tenant: config.TenantSettings) -> Callable[[], Awaitable[VerifySummary]]:
-        async def work() -> VerifySummary:
+    def work(tenant: config.TenantSettings) -> Callable[[], Awaitable[Any]]:
+        async def run() -> Summary | VerifySummary | CancelSummary:
             journal = journal_of(folder, tenant.name)
             if not journal.is_file():
                 raise UsageError(f"tenant {tenant.name!r} has no journal in {folder}")
-            conn = tenant_connection(tenant, connection_overrides)
-            return await api.verify(journal, connection=conn, stop=stop, **options)
+            return await job(journal, tenant_connection(tenant, connection_overrides))
 
-        return work
+        return run
 
     results = await asyncio.gather(
-        *(_guarded(t.name, journal_of(folder, t.name), job(t)) for t in chosen)
+        *(_guarded(t.name, journal_of(folder, t.name), work(t)) for t in chosen)
     )
     return TenantsSummary(folder, list(results))
 
@@ -368,6 +402,7 @@ __all__ = [
     "TENANTS_FILE",
     "TenantResult",
     "TenantsSummary",
+    "cancel_tenants",
     "journals_of",
     "most_serious",
     "resume_tenants",
