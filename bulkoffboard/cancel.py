@@ -58,6 +58,7 @@ from bulkoffboard.marks import Marker
 from bulkoffboard.models import FINAL_ACTION_STATUSES, MachineAction, Outcome
 from bulkoffboard.reads import ReadPolicy, read_with_retries
 from bulkoffboard.runner import ExitCode
+from bulkoffboard.stopping import Stopped, backoff_s, sleep_unless_stopped, unless_stopped
 from bulkoffboard.throttle import Throttle
 
 log = structlog.get_logger("bulkoffboard.cancel")
@@ -206,8 +207,8 @@ class CancelSummary:
         }
 
 
-class _Stopped(Exception):
-    """A stop was requested: leave what is left for the next cancel."""
+#: A stop was requested: leave what is left for the next cancel.
+_Stopped = Stopped
 
 
 class _AuthFailure(Exception):
@@ -606,33 +607,14 @@ class Canceller:
         }
 
     def _backoff_s(self, failures: int) -> float:
-        ceiling = min(
-            self.settings.backoff_cap_s, self.settings.backoff_base_s * 2 ** (failures - 1)
-        )
-        return max(0.001, self._rng.uniform(ceiling / 2, ceiling))
+        settings = self.settings
+        return backoff_s(failures, settings.backoff_base_s, settings.backoff_cap_s, self._rng)
 
     async def _unless_stopped(self, awaitable: Awaitable[_T]) -> _T:
-        task: asyncio.Future[_T] = asyncio.ensure_future(awaitable)
-        stopper: asyncio.Future[Any] = asyncio.ensure_future(self._stop.wait())
-        try:
-            await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopper.cancel()
-        if task.done():
-            return task.result()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        raise _Stopped
+        return await unless_stopped(awaitable, self._stop)
 
     async def _sleep(self, seconds: float) -> None:
-        stopper = asyncio.ensure_future(self._stop.wait())
-        try:
-            await asyncio.wait({stopper}, timeout=max(seconds, 0.001))
-        finally:
-            stopper.cancel()
-        if self._stop.is_set():
-            raise _Stopped
+        await sleep_unless_stopped(seconds, self._stop)
 
 
 __all__ = [

@@ -16,6 +16,7 @@ from typing import TypeVar
 import structlog
 
 from bulkoffboard.errors import RetryableError, ThrottledError, UnauthorizedError
+from bulkoffboard.stopping import backoff_s
 from bulkoffboard.throttle import Throttle
 
 log = structlog.get_logger("bulkoffboard.reads")
@@ -64,6 +65,5 @@ async def read_with_retries(
             failures += 1
             if failures >= attempts:
                 raise
-            ceiling = min(backoff_cap_s, backoff_base_s * 2 ** (failures - 1))
             log.info("read.retry", what=what, error=str(exc), failures=failures)
-            await asyncio.sleep(max(0.001, rng.uniform(ceiling / 2, ceiling)))
+            await asyncio.sleep(backoff_s(failures, backoff_base_s, backoff_cap_s, rng))

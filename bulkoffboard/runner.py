@@ -39,6 +39,7 @@ from bulkoffboard.journal import Journal, Replay, iso, utc_now
 from bulkoffboard.models import MachineAction, Outcome
 from bulkoffboard.reads import ReadPolicy, read_with_retries
 from bulkoffboard.sources import Deduplicator, SourceRecord
+from bulkoffboard.stopping import backoff_s
 from bulkoffboard.targeting import Prepared
 from bulkoffboard.throttle import Throttle
 
@@ -457,11 +458,9 @@ class Runner:
             return
 
     def _backoff_s(self, failures: int) -> float:
-        """Capped exponential backoff with full jitter (never below a millisecond)."""
-        ceiling = min(
-            self.settings.backoff_cap_s, self.settings.backoff_base_s * 2 ** (failures - 1)
-        )
-        return max(0.001, self._rng.uniform(ceiling / 2, ceiling))
+        """Capped exponential backoff with jitter (:func:`bulkoffboard.stopping.backoff_s`)."""
+        settings = self.settings
+        return backoff_s(failures, settings.backoff_base_s, settings.backoff_cap_s, self._rng)
 
     def _count_allowed(self) -> None:
         self._any_allowed = True

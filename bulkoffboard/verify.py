@@ -74,6 +74,7 @@ from bulkoffboard.errors import (
 from bulkoffboard.journal import ActionSeen, Journal, Replay, iso, parse_iso, utc_now
 from bulkoffboard.models import FINAL_ACTION_STATUSES, MachineAction, Outcome
 from bulkoffboard.runner import ExitCode
+from bulkoffboard.stopping import Stopped, backoff_s, sleep_unless_stopped, unless_stopped
 from bulkoffboard.throttle import DEFAULT_LIMITS, Limit, Throttle
 
 log = structlog.get_logger("bulkoffboard.verify")
@@ -294,8 +295,8 @@ class _AuthFailure(Exception):
         self.message = message
 
 
-class _Stopped(Exception):
-    """A stop was requested."""
+#: A stop was requested (:class:`bulkoffboard.stopping.Stopped`).
+_Stopped = Stopped
 
 
 @dataclass(slots=True)
@@ -451,10 +452,8 @@ class Verifier:
         return max(0.001, self._rng.uniform(ceiling * 0.75, ceiling))
 
     def _backoff_s(self, failures: int) -> float:
-        ceiling = min(
-            self.settings.backoff_cap_s, self.settings.backoff_base_s * 2 ** (failures - 1)
-        )
-        return max(0.001, self._rng.uniform(ceiling / 2, ceiling))
+        settings = self.settings
+        return backoff_s(failures, settings.backoff_base_s, settings.backoff_cap_s, self._rng)
 
     # -- recording ---------------------------------------------------------------------------------
 
@@ -691,28 +690,11 @@ class Verifier:
 
     async def _unless_stopped(self, awaitable: Awaitable[_T]) -> _T:
         """Await ``awaitable`` unless a stop comes first (then raise :class:`_Stopped`)."""
-        task: asyncio.Future[_T] = asyncio.ensure_future(awaitable)
-        stopper: asyncio.Future[Any] = asyncio.ensure_future(self._stop.wait())
-        try:
-            await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopper.cancel()
-        if task.done():
-            return task.result()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        raise _Stopped
+        return await unless_stopped(awaitable, self._stop)
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep, waking early on a stop (the loop's clock, so looptime can skip it)."""
-        stopper = asyncio.ensure_future(self._stop.wait())
-        try:
-            await asyncio.wait({stopper}, timeout=max(seconds, 0.001))
-        finally:
-            stopper.cancel()
-        if self._stop.is_set():
-            raise _Stopped
+        await sleep_unless_stopped(seconds, self._stop)
 
 
 def _literal(text: str) -> str:
