@@ -378,3 +378,42 @@ async def test_one_emulator_serving_three_tenants_sees_each_tenants_own_token(
 def write_ids_of(machines: Any, path: Path) -> Path:
     path.write_text("\n".join(machines) + "\n", encoding="utf-8")
     return path
+
+
+async def test_cancel_run_dir_undoes_the_chosen_tenants_open_offboards_only(
+    start_emulator: StartEmulator, tmp_path: Path
+) -> None:
+    servers, toml = await two_tenants(start_emulator, tmp_path)
+    run_dir = tmp_path / "run"
+    env = app_env()
+    code, _, err = await cli(
+        "run", "--tenants", str(toml), "--run-dir", str(run_dir), *LIMITS, env=env
+    )
+    assert code == 0, err
+    await asyncio.sleep(0.3)  # the online devices finish their actions
+    contoso = servers["contoso"].emulator
+    run_id = replay_file(run_dir / "contoso.jsonl").header["run_id"]
+    open_ = {
+        a.id
+        for a in contoso.actions.values()
+        if run_id in a.comment and contoso.action_status(a) == "Pending"
+    }
+    assert open_, "the fleet's inactive devices keep their offboard pending"
+    summary = tmp_path / "cancel.json"
+    code, out, err = await cli(
+        "cancel",
+        "--run-dir",
+        str(run_dir),
+        "--tenant",
+        "contoso",
+        "--summary-json",
+        str(summary),
+        *LIMITS,
+        env=env,
+    )
+    assert code == 0, err
+    assert set(contoso.truth.cancel_posts) == open_
+    assert not servers["fabrikam"].emulator.truth.cancel_posts
+    data = orjson.loads(summary.read_bytes())
+    assert data["tenants"]["contoso"]["counts"]["cancelled"] == len(open_)
+    assert "fabrikam" not in data["tenants"]
