@@ -312,7 +312,7 @@ class LedgerFile:
                 f"{version!r}); upgrade bulkoffboard on every runner that shares it"
             )
         grants = state.get("grants")
-        if not isinstance(grants, list) or not all(_is_grant(g) for g in grants):
+        if not isinstance(grants, list) or not _all_grants(grants):
             raise BudgetError(
                 f"the budget ledger {self.path} is corrupt (its grants): move it aside once no "
                 "bulkoffboard uses it"
@@ -332,16 +332,26 @@ class LedgerFile:
             ) from None
 
 
-def _is_grant(value: Any) -> bool:
-    """``[id, at, lag or None, pid]``: the pid of the process that holds it (0: none)."""
-    return (
-        isinstance(value, list)
-        and len(value) == 4
-        and isinstance(value[0], str)
-        and isinstance(value[1], int | float)
-        and (value[2] is None or isinstance(value[2], int | float))
-        and isinstance(value[3], int)
-    )
+_NUMBER = (int, float)
+_LAG = (int, float, type(None))
+
+
+def _all_grants(grants: list[Any]) -> bool:
+    """Each is ``[id, at, lag or None, pid]``: the pid of the process that holds it (0:
+    none). Exact type checks in one loop: this runs on every operation over up to the hour
+    window's 1,500 grants, where ``isinstance`` with unions cost twice as much."""
+    for grant in grants:
+        if type(grant) is not list or len(grant) != 4:
+            return False
+        grant_id, at, lag, pid = grant
+        if (
+            type(grant_id) is not str
+            or type(at) not in _NUMBER
+            or type(lag) not in _LAG
+            or type(pid) is not int
+        ):
+            return False
+    return True
 
 
 def _answer_the_dead(grants: list[list[Any]], now: float) -> int:
