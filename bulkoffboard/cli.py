@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import orjson
 import structlog
 
-from bulkoffboard import __version__, api, config, logs, reports, targeting, tenants
+from bulkoffboard import __version__, api, config, history, logs, reports, targeting, tenants
 from bulkoffboard.cancel import CancelSummary
 from bulkoffboard.errors import AuthError, BulkOffboardError, JournalError, UsageError
 from bulkoffboard.jobs import RunObserver
@@ -402,9 +402,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(check)
     check.set_defaults(func=cmd_check)
 
-    rep = commands.add_parser("report", help="summarise a journal")
+    rep = commands.add_parser(
+        "report",
+        help="summarise a journal, a run directory, or the history of many runs",
+        description="One journal (--journal), a tenants run's directory (--run-dir), or the "
+        "history of many runs (--journals GLOB... and/or --journal-dir DIR, recursive): a row "
+        "a run, totals that count each machine once, and the machines whose offboard actions "
+        "stayed not final longest.",
+    )
     rep.add_argument("--journal", metavar="PATH")
     _add_run_dir(rep)
+    rep.add_argument(
+        "--journals",
+        nargs="+",
+        metavar="GLOB",
+        help="history: the journals matching these globs (quote them to use ** for any depth)",
+    )
+    rep.add_argument(
+        "--journal-dir",
+        metavar="DIR",
+        help="history: every journal under DIR, run directories included (recursive)",
+    )
     rep.add_argument("--format", choices=sorted(reports.RENDERERS), default="table")
     _add_common(rep)
     rep.set_defaults(func=cmd_report)
@@ -906,6 +924,14 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """``bulkoffboard report``."""
+    if args.journals or args.journal_dir:
+        if args.journal or args.run_dir or args.tenant:
+            raise UsageError(
+                "--journals and --journal-dir make a history report: leave out --journal, "
+                "--run-dir and --tenant"
+            )
+        history.write_report(args.journals or (), args.journal_dir, args.format, sys.stdout)
+        return 0
     if _journal_or_run_dir(args) is None:
         run_dir = Path(args.run_dir).expanduser().absolute()
         journals = tenants.journals_of(run_dir, args.tenant)

@@ -28,7 +28,7 @@ import aiohttp
 import orjson
 import pytest
 
-from bulkoffboard import api, reports
+from bulkoffboard import api, history, reports
 from bulkoffboard.journal import FORMAT_VERSION, TOOL, Journal, iso
 from tests.conftest import StartEmulator, connection_for
 
@@ -375,3 +375,48 @@ async def test_the_browser_check_sees_console_errors_and_outside_requests(tmp_pa
     assert page.requests[0] == bad.as_uri()
     assert "https://evil.example/pixel.png" in page.requests
     assert any("console.error: boom" in line for line in page.console), page.console
+
+
+async def test_the_history_html_renders_cleanly_with_a_bar_a_night(
+    start_emulator: StartEmulator, tmp_path: Path
+) -> None:
+    """Three nights of real runs against the emulator (the journals' ``created_at`` moved to
+    the nights, as a nightly schedule would have written them), one a hostile tenant name:
+    the history page has one bar a night and says what each run did."""
+    server = await start_emulator()
+    machines = list(server.emulator.machines)
+    folder = tmp_path / "journals"
+    nights = ("2026-11-01", "2026-11-02", "2026-11-04")
+    for number, night in enumerate(nights):
+        ids = tmp_path / f"ids-{night}.txt"
+        ids.write_text("\n".join(machines[number * 10 : number * 10 + 5 + number]) + "\n")
+        journal = folder / f"{night}.jsonl"
+        journal.parent.mkdir(exist_ok=True)
+        await api.run(
+            ids,
+            journal=journal,
+            comment=f"night {night}",
+            limits=["100/60", "1500/3600"],
+            connection=connection_for(server),
+        )
+        lines = journal.read_bytes().splitlines(keepends=True)
+        head = orjson.loads(lines[0]) | {"created_at": f"{night}T02:00:00.000000Z"}
+        if number == 2:
+            head["tenant_name"] = HOSTILE[0]
+        journal.write_bytes(orjson.dumps(head) + b"\n" + b"".join(lines[1:]))
+    page_path = tmp_path / "history.html"
+    page_path.write_text(history.report(journal_dir=folder, fmt="html"), encoding="utf-8")
+    url = page_path.as_uri()
+
+    async with browser(tmp_path) as chrome:
+        page = await chrome.show(url)
+        chart = await chrome.evaluate(CHART)
+        shot = await chrome.screenshot(tmp_path / "history.png")
+
+    assert page.console == [], "the page logged errors or warnings"
+    assert page.requests == [url], "the page made a request of its own"
+    assert chart["scripts"] == 0 and chart["images"] == 0
+    assert chart["charts"] == 1 and chart["bars"] == len(nights)
+    assert chart["width"] > 0 and chart["height"] > 0
+    assert "3 runs over 3 nights" in chart["text"] and HOSTILE[0] in chart["text"]
+    assert len(shot) > 10_000
