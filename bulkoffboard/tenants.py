@@ -11,6 +11,10 @@ forbidden, the breaker, a locked journal) is that tenant's result and never stop
 The run directory keeps a copy of the tenants file (``tenants.toml``), so ``resume``,
 ``verify`` and ``report`` of the directory know its tenants and their settings.
 
+The tenants share one pool of at most 256 HTTPS connections
+(:func:`bulkoffboard.jobs.shared_connections`): 500 tenants starting at once would otherwise
+hold thousands of TLS connections (about 3 MB a tenant).
+
 The exit code over tenants is the most serious of theirs, in the order 130 > 3 > 2 > 1 > 0.
 """
 
@@ -29,7 +33,7 @@ import structlog
 from bulkoffboard import api, config
 from bulkoffboard.cancel import CancelSummary
 from bulkoffboard.errors import AuthError, BulkOffboardError, JournalError, UsageError
-from bulkoffboard.jobs import RunObserver
+from bulkoffboard.jobs import RunObserver, shared_connections
 from bulkoffboard.runner import ExitCode, Summary
 from bulkoffboard.verify import VerifySummary
 
@@ -278,9 +282,10 @@ async def run_tenants(
 
         return work
 
-    results = await asyncio.gather(
-        *(_guarded(t.name, journal_of(folder, t.name), job(t)) for t in chosen)
-    )
+    async with shared_connections():
+        results = await asyncio.gather(
+            *(_guarded(t.name, journal_of(folder, t.name), job(t)) for t in chosen)
+        )
     return TenantsSummary(folder, list(results))
 
 
@@ -323,9 +328,10 @@ async def resume_tenants(
 
         return work
 
-    results = await asyncio.gather(
-        *(_guarded(t.name, journal_of(folder, t.name), job(t)) for t in chosen)
-    )
+    async with shared_connections():
+        results = await asyncio.gather(
+            *(_guarded(t.name, journal_of(folder, t.name), job(t)) for t in chosen)
+        )
     return TenantsSummary(folder, list(results))
 
 
@@ -382,9 +388,10 @@ async def _each_journal(
 
         return run
 
-    results = await asyncio.gather(
-        *(_guarded(t.name, journal_of(folder, t.name), work(t)) for t in chosen)
-    )
+    async with shared_connections():
+        results = await asyncio.gather(
+            *(_guarded(t.name, journal_of(folder, t.name), work(t)) for t in chosen)
+        )
     return TenantsSummary(folder, list(results))
 
 

@@ -417,3 +417,34 @@ async def test_cancel_run_dir_undoes_the_chosen_tenants_open_offboards_only(
     data = orjson.loads(summary.read_bytes())
     assert data["tenants"]["contoso"]["counts"]["cancelled"] == len(open_)
     assert "fabrikam" not in data["tenants"]
+
+
+async def test_the_tenants_of_a_run_share_one_pool_of_connections(
+    start_emulator: StartEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """500 tenants would otherwise hold thousands of TLS connections: every tenant's session
+    draws on the one connector of the run, which is closed at the end."""
+    from bulkoffboard import jobs
+
+    made: list[Any] = []
+    real = jobs.aiohttp.TCPConnector
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        connector = real(*args, **kwargs)
+        made.append(connector)
+        return connector
+
+    monkeypatch.setattr(jobs.aiohttp, "TCPConnector", counting)
+    servers, toml = await two_tenants(start_emulator, tmp_path, size=12)
+    for name, value in app_env().items():
+        monkeypatch.setenv(name, value)
+    summary = await tenants.run_tenants(
+        toml, tmp_path / "run", limits=["100/0.6", "1500/36"], workers=4
+    )
+    assert summary.exit_code == 0
+    for name, server in servers.items():
+        assert_each_offboarded_once(server, tmp_path / "run" / f"{name}.jsonl")
+    assert len(made) == 1 and made[0].limit == jobs.SHARED_CONNECTIONS
+    assert made[0].closed
+    # Outside a tenants run, a job keeps a pool of its own.
+    assert jobs._SHARED.get() is None
