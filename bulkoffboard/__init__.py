@@ -4,7 +4,8 @@ Throttled under the API's sliding limits, journaled to JSONL so an interrupted r
 without offboarding a machine twice.
 
 The public API (a contract, like the command line): :func:`run`, :func:`resume`,
-:func:`verify` and :func:`cancel` (async), :func:`report`, and :func:`check` (async); their
+:func:`verify` and :func:`cancel` (async), :func:`report`, :func:`report_history` and
+:func:`export_journals` (over many journals), and :func:`check` (async); their
 results (:class:`Summary`, :class:`VerifySummary`, :class:`CancelSummary`,
 :class:`CheckResult`, :class:`ExitCode`); the
 settings a caller may build (:class:`Connection`); the hooks it may pass
@@ -15,7 +16,16 @@ settings a caller may build (:class:`Connection`); the hooks it may pass
 __version__ = "0.1.0"
 
 # After __version__: the modules below read it from here.
-from bulkoffboard.api import cancel, check, report, resume, run, verify
+from bulkoffboard.api import (
+    cancel,
+    check,
+    export_journals,
+    report,
+    report_history,
+    resume,
+    run,
+    verify,
+)
 from bulkoffboard.cancel import CancelSummary
 from bulkoffboard.config import Connection
 from bulkoffboard.errors import (
@@ -49,7 +59,9 @@ __all__ = [
     "__version__",
     "cancel",
     "check",
+    "export_journals",
     "report",
+    "report_history",
     "resume",
     "run",
     "verify",

@@ -35,7 +35,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 from bulkoffboard import config as settings
 from bulkoffboard import reports, targeting
@@ -62,6 +62,9 @@ from bulkoffboard.models import describe_invalid, normalize_machine_id
 from bulkoffboard.runner import Summary
 from bulkoffboard.sources import detect_format, iter_records, spool_stdin
 from bulkoffboard.verify import READ_LIMITS, VerifySettings, VerifySummary
+
+if TYPE_CHECKING:
+    from bulkoffboard.export import ExportSummary
 
 #: A path as the API takes one.
 PathArg = str | os.PathLike[str]
@@ -625,4 +628,43 @@ def report(journal: PathArg, format: ReportFormat = "table") -> str:
     return reports.render_file(Path(journal).expanduser(), format)
 
 
-__all__ = ["check", "connect", "load_config", "report", "resume", "run", "run_with", "verify"]
+def report_history(
+    journals: Iterable[PathArg] = (),
+    journal_dir: PathArg | None = None,
+    format: ReportFormat = "table",
+) -> str:
+    """The history of many runs (``bulkoffboard report --journals/--journal-dir``): the
+    journals matching the globs ``journals`` and every journal under ``journal_dir``
+    (recursive), as ``table``, ``csv``, ``jsonl``, ``json``, ``markdown`` or ``html``."""
+    from bulkoffboard import history as history_  # noqa: PLC0415 - only history reads it
+
+    folder = Path(journal_dir) if journal_dir is not None else None
+    return history_.report([str(j) for j in journals], folder, format)
+
+
+def export_journals(
+    journal_dir: PathArg | None = None,
+    db: str | None = None,
+    *,
+    journals: Iterable[PathArg] = (),
+) -> ExportSummary:
+    """Export journals to a database (``bulkoffboard export``): SQLite by default
+    (``sqlite:///history.db``) or ``postgresql://...``; idempotent and incremental."""
+    from bulkoffboard import export as export_  # noqa: PLC0415 - SQLAlchemy only for this
+
+    folder = Path(journal_dir) if journal_dir is not None else None
+    return export_.export([str(j) for j in journals], folder, db)
+
+
+__all__ = [
+    "check",
+    "connect",
+    "export_journals",
+    "load_config",
+    "report",
+    "report_history",
+    "resume",
+    "run",
+    "run_with",
+    "verify",
+]

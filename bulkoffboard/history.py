@@ -474,8 +474,8 @@ def render_json(history: History) -> str:
 
 
 _TABLE_COLUMNS = (
-    ("started", "started", 21),
-    ("tenant", "tenant", 16),
+    ("started", "started (UTC)", 18),
+    ("tenant", "tenant", 22),
     ("source", "source", 24),
     ("offboarded", "offboarded", 11),
     ("already_pending", "pending", 9),
@@ -484,14 +484,18 @@ _TABLE_COLUMNS = (
     ("not_final", "not final", 10),
     ("machines", "machines", 9),
 )
-_TOTAL_KEYS = (
-    "offboarded",
-    "already_pending",
-    "failed",
-    "cancelled",
-    "not_final",
-    "machines",
-)
+
+
+def _count(number: int, word: str) -> str:
+    return f"{number:,} {word}" + ("" if number == 1 else "s")
+
+
+def _scope(totals: dict[str, Any]) -> str:
+    """``4 runs over 3 nights, 2 tenants, 8 machines``."""
+    return (
+        f"{_count(totals['runs'], 'run')} over {_count(totals['nights'], 'night')}, "
+        f"{_count(totals['tenants'], 'tenant')}, {_count(totals['machines'], 'machine')}"
+    )
 
 
 def _cell(value: Any, width: int) -> str:
@@ -506,21 +510,15 @@ def render_table(history: History) -> str:
     """For a terminal: a row a run, the totals, the longest not final, runs per machine."""
     totals = history.totals()
     lines = [
-        f"history: {totals['runs']:,} runs over {totals['nights']:,} nights, "
-        f"{totals['tenants']:,} tenants, {totals['machines']:,} machines",
+        f"history: {_scope(totals)}",
         "",
         "".join(_cell(label, width) for _, label, width in _TABLE_COLUMNS),
     ]
     for run in history.runs:
-        lines.append("".join(_cell(getattr(run, key), w) for key, _, w in _TABLE_COLUMNS))
-    lines.append(
-        "".join(
-            _cell("total (each machine once)" if key == "started" else totals.get(key, ""), w)
-            if key not in ("tenant", "source")
-            else _cell("", w)
-            for key, _, w in _TABLE_COLUMNS
-        )
-    )
+        cells = asdict(run) | {"started": run.started[:16].replace("T", " ")}
+        lines.append("".join(_cell(cells[key], w) for key, _, w in _TABLE_COLUMNS))
+    cells = totals | {"started": "total", "tenant": "(each machine once)", "source": ""}
+    lines.append("".join(_cell(cells[key], w) for key, _, w in _TABLE_COLUMNS))
     lines.append(
         f"offboarded in several runs: {totals['offboarded_in_several_runs']:,}; in doubt: "
         f"{totals['in_doubt']:,}; other outcomes: {totals['other']:,}"
@@ -551,8 +549,7 @@ def render_markdown(history: History) -> str:
     lines = [
         "# bulkoffboard history",
         "",
-        f"{totals['runs']:,} runs over {totals['nights']:,} nights, {totals['tenants']:,} "
-        f"tenants, {totals['machines']:,} machines (report at {iso(history.now)}).",
+        f"{_scope(totals)} (report at {iso(history.now)}).",
         "",
         "| " + " | ".join(label for _, label, _ in _TABLE_COLUMNS) + " |",
         "|---|---|---" + "|---:" * (len(keys) - 3) + "|",
@@ -644,9 +641,7 @@ def render_html(history: History) -> str:
     numeric = set(keys[3:])
     body = [
         "<h1>bulkoffboard history</h1>",
-        f'<p class="muted">{totals["runs"]:,} runs over {totals["nights"]:,} nights, '
-        f"{totals['tenants']:,} tenants, {totals['machines']:,} machines; report at "
-        f"{_h(iso(history.now))}</p>",
+        f'<p class="muted">{_scope(totals)}; report at {_h(iso(history.now))}</p>',
         "<h2>Offboarded per night</h2>",
         svg_per_night(history.per_night()),
         "<h2>Runs</h2>",

@@ -359,3 +359,12 @@ def test_a_year_of_journals_keeps_one_replay_open_at_a_time(
     made = history.build(history.find_journals(journal_dir=tmp_path))
     assert most[0] == 1 and not open_now
     assert made.totals()["offboarded"] == 1500 and len(made.per_night()) == 30
+
+
+def test_the_python_api_reports_a_history(nights: Path) -> None:
+    import bulkoffboard
+
+    document = orjson.loads(bulkoffboard.report_history(journal_dir=nights, format="json"))
+    assert document["totals"]["offboarded"] == 5
+    text = bulkoffboard.report_history([nights / "2026-11-01.jsonl"])
+    assert "1 run over 1 night, 1 tenant, 5 machines" in text

@@ -395,3 +395,36 @@ def _http_get(host: str, port: int) -> bytes:
     with socket.create_connection((host, port), timeout=10) as conn:
         conn.sendall(b"GET /api/machines HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         return conn.recv(64)
+
+
+@pytest.mark.parametrize("fmt", ["table", "csv", "json", "html"])
+async def test_a_history_report_exits_141_quietly_when_its_reader_is_gone(
+    journal: Path, tmp_path: Path, fmt: str
+) -> None:
+    folder = tmp_path / "nights"
+    folder.mkdir()
+    for night in range(3):
+        (folder / f"night-{night}.jsonl").write_bytes(
+            journal.read_bytes().replace(b'"run_id":"', f'"run_id":"n{night}-'.encode(), 1)
+        )
+    ran = await piped("report", "--journal-dir", str(folder), "--format", fmt, reader="gone")
+    ran.assert_quiet()
+    assert ran.err == "" and ran.code == SIGPIPE_EXIT
+
+
+async def test_export_keeps_its_work_when_only_its_summary_meets_a_closed_pipe(
+    journal: Path, tmp_path: Path
+) -> None:
+    """The database is written before a word is printed: the closed pipe costs nothing."""
+    db = tmp_path / "h.db"
+    ran = await piped(
+        "export", "--journals", str(journal), "--db", f"sqlite:///{db}", reader="gone"
+    )
+    ran.assert_quiet()
+    assert ran.code == 0, "the export's work was done: its exit code, not the pipe's"
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(f"sqlite:///{db}")
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM runs")).scalar_one() == 1
+    engine.dispose()

@@ -424,17 +424,19 @@ async def test_the_tenants_of_a_run_share_one_pool_of_connections(
 ) -> None:
     """500 tenants would otherwise hold thousands of TLS connections: every tenant's session
     draws on the one connector of the run, which is closed at the end."""
+    import aiohttp
+
     from bulkoffboard import jobs
 
     made: list[Any] = []
-    real = jobs.aiohttp.TCPConnector
+    real = aiohttp.TCPConnector
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         connector = real(*args, **kwargs)
         made.append(connector)
         return connector
 
-    monkeypatch.setattr(jobs.aiohttp, "TCPConnector", counting)
+    monkeypatch.setattr(aiohttp, "TCPConnector", counting)
     servers, toml = await two_tenants(start_emulator, tmp_path, size=12)
     for name, value in app_env().items():
         monkeypatch.setenv(name, value)
