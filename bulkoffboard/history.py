@@ -31,7 +31,6 @@ import collections
 import glob
 import heapq
 import io
-import math
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -174,14 +173,13 @@ class History:
         self.now = now or utc_now()
         self.runs: list[RunRow] = []
         self._table = IdTable()
-        self._offboarded_runs = array.array("H")  # runs that offboarded the machine
+        self._offboarded_runs = array.array("B")  # runs that offboarded the machine (<= 255)
         self._first_run = array.array("i")  # the first run that offboarded it (-1: none)
-        self._offboarded_at = array.array("d")  # when (epoch; NaN: never)
+        self._offboarded_at = array.array("I")  # when (epoch seconds; 0: never)
         self._last_outcome = bytearray()  # code in _outcomes
         self._cancelled = bytearray()
         self._status = bytearray()  # code in _statuses (0: none known)
-        self._status_at = array.array("d")
-        self._status_run = array.array("i")
+        self._status_at = array.array("I")  # epoch seconds (0: unknown)
         self._action = bytearray()  # 16 bytes a machine: the action id as a UUID (0: none)
         self._action_text: dict[int, str] = {}  # action ids that are not UUIDs
         self._outcomes: list[str] = [""]
@@ -193,7 +191,7 @@ class History:
 
     def add(self, path: Path) -> RunRow:
         """Fold one journal in (after every older one); returns its row."""
-        replay = replay_file(path)
+        replay = replay_file(path, recent=False)
         try:
             run = len(self.runs)
             header = replay.header
@@ -244,12 +242,11 @@ class History:
         if entry == len(self._last_outcome):
             self._offboarded_runs.append(0)
             self._first_run.append(_NONE)
-            self._offboarded_at.append(math.nan)
+            self._offboarded_at.append(0)
             self._last_outcome.append(0)
             self._cancelled.append(0)
             self._status.append(0)
-            self._status_at.append(-math.inf)
-            self._status_run.append(_NONE)
+            self._status_at.append(0)
             self._action.extend(bytes(16))
         outcome = str(row["outcome"])
         self._last_outcome[entry] = _code(self._outcomes, outcome)
@@ -262,21 +259,19 @@ class History:
                 self._runs_of[entry] = [self._first_run[entry], run]
             else:
                 self._runs_of[entry].append(run)
-            self._offboarded_runs[entry] = min(times + 1, 65535)
+            self._offboarded_runs[entry] = min(times + 1, 255)
         status = row["action_status"]
         if status:
             seen_at = _epoch(row["action_status_at"] or row["updated_at"])
-            if math.isnan(seen_at) or seen_at >= self._status_at[entry]:
+            if not seen_at or seen_at >= self._status_at[entry]:
                 self._status[entry] = _code(self._statuses, str(status))
-                self._status_at[entry] = -math.inf if math.isnan(seen_at) else seen_at
-                self._status_run[entry] = run
+                self._status_at[entry] = seen_at
                 self._set_action(entry, str(row["action_id"] or ""))
 
     def _set_action(self, entry: int, action_id: str) -> None:
         self._action_text.pop(entry, None)
-        try:
-            raw = uuid.UUID(action_id).bytes if action_id else bytes(16)
-        except ValueError:
+        raw = _uuid_bytes(action_id) if action_id else bytes(16)
+        if raw is None:
             raw = bytes(16)
             self._action_text[entry] = action_id
         self._action[entry * 16 : entry * 16 + 16] = raw
@@ -328,11 +323,11 @@ class History:
         """Machines a run offboarded whose latest known action status is not final, offboarded
         longest ago first: id, tenant, run, action, status, when offboarded and seen, days."""
         not_final = {c for c, name in enumerate(self._statuses) if name in NOT_FINAL_STATUSES}
-        at = self._offboarded_at
+        at, runs = self._offboarded_at, self._offboarded_runs
         candidates = (
             entry
             for entry, code in enumerate(self._status)
-            if code in not_final and not math.isnan(at[entry])
+            if code in not_final and runs[entry]
         )
         now = self.now.timestamp()
         out = []
@@ -399,6 +394,17 @@ def _key(machine_id: str) -> bytes:
     return key if len(key) == 20 else b""
 
 
+def _uuid_bytes(text: str) -> bytes | None:
+    """A GUID's 16 bytes (MDE's action ids are GUIDs), or None for anything else."""
+    if len(text) != 36 or text[8:24:5] != "----" or text != text.lower():
+        return None  # dashes at 8, 13, 18 and 23; lower case, so it renders back the same
+    try:
+        raw = bytes.fromhex(text.replace("-", ""))
+    except ValueError:
+        return None
+    return raw if len(raw) == 16 else None
+
+
 def _code(names: list[str], name: str) -> int:
     try:
         return names.index(name)
@@ -409,19 +415,19 @@ def _code(names: list[str], name: str) -> int:
         return len(names) - 1
 
 
-def _epoch(text: Any) -> float:
+def _epoch(text: Any) -> int:
+    """Whole seconds since 1970 (kept in 4 bytes a machine); 0 when unknown."""
     if not isinstance(text, str) or not text:
-        return math.nan
+        return 0
     try:
-        return parse_iso(text).timestamp()
+        seconds = int(parse_iso(text).timestamp())
     except ValueError:
-        return math.nan
+        return 0
+    return seconds if 0 < seconds < 2**32 else 0
 
 
-def _iso(epoch: float) -> str:
-    if math.isnan(epoch) or math.isinf(epoch):
-        return ""
-    return iso(datetime.fromtimestamp(epoch, UTC))
+def _iso(epoch: int) -> str:
+    return iso(datetime.fromtimestamp(epoch, UTC)) if epoch else ""
 
 
 # -- rendering ---------------------------------------------------------------------------------

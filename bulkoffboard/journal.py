@@ -901,18 +901,22 @@ def _check_header(first: Any, path: Path) -> dict[str, Any]:
     return first
 
 
-def replay_lines(lines: Iterable[bytes], path: Path, *, reserve: int = 0) -> Replay:
+def replay_lines(
+    lines: Iterable[bytes], path: Path, *, reserve: int = 0, recent: bool = True
+) -> Replay:
     """Fold journal lines into a :class:`Replay`. A torn (unterminated, unparsable) last line
     is ignored; a bad line anywhere else is an error naming its number.
 
     ``lines`` are the file at ``path`` from its start: results are kept as the offsets of
-    their lines and read back from ``path`` when asked for.
+    their lines and read back from ``path`` when asked for. ``recent=False``: leave the
+    recent send times and round trips empty (they seed a throttle; a report has no use for
+    them, and reading them costs a second pass over the file's tail).
     """
     numbered = enumerate(lines, start=1)
     header, number, position = _header_of(numbered, path)
     replay = Replay(header, path, reserve=reserve)
     replay.lines = number
-    return _fold_lines(replay, numbered, path, position)
+    return _fold_lines(replay, numbered, path, position, recent=recent)
 
 
 def _header_of(
@@ -942,7 +946,12 @@ _RESULT_AFTER_ID = slice(_RESULT_ID.stop, _RESULT_ID.stop + len(_RESULT_MID))
 
 
 def _fold_lines(
-    replay: Replay, numbered: Iterator[tuple[int, bytes]], path: Path, position: int
+    replay: Replay,
+    numbered: Iterator[tuple[int, bytes]],
+    path: Path,
+    position: int,
+    *,
+    recent: bool = True,
 ) -> Replay:
     """Fold the lines after the header.
 
@@ -1039,7 +1048,8 @@ def _fold_lines(
             raise JournalError(f"{path}:{number}: a record must be a JSON object")
         _fold(replay, record, path, number, start)
     replay.lines = folded
-    _scan_recent(replay, path, position - torn)
+    if recent:
+        _scan_recent(replay, path, position - torn)
     return replay
 
 
@@ -1270,10 +1280,11 @@ def read_header(path: Path) -> dict[str, Any]:
         lines.close()
 
 
-def replay_file(path: Path) -> Replay:
-    """Replay the journal at ``path`` (no lock needed: reading is safe while a run appends)."""
+def replay_file(path: Path, *, recent: bool = True) -> Replay:
+    """Replay the journal at ``path`` (no lock needed: reading is safe while a run appends);
+    ``recent=False`` for a report (see :func:`replay_lines`)."""
     try:
         reserve = path.stat().st_size // _SHORTEST_LINE
     except OSError:
         reserve = 0
-    return replay_lines(_read_lines(path), path, reserve=reserve)
+    return replay_lines(_read_lines(path), path, reserve=reserve, recent=recent)

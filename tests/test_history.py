@@ -341,8 +341,8 @@ def test_a_year_of_journals_keeps_one_replay_open_at_a_time(
     most = [0]
     real = journal_module.replay_file
 
-    def counting(path: Path) -> Any:
-        replay = real(path)
+    def counting(path: Path, **options: Any) -> Any:
+        replay = real(path, **options)
         open_now.append(replay)
         most[0] = max(most[0], len(open_now))
         closing = replay.close
