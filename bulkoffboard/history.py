@@ -325,9 +325,7 @@ class History:
         not_final = {c for c, name in enumerate(self._statuses) if name in NOT_FINAL_STATUSES}
         at, runs = self._offboarded_at, self._offboarded_runs
         candidates = (
-            entry
-            for entry, code in enumerate(self._status)
-            if code in not_final and runs[entry]
+            entry for entry, code in enumerate(self._status) if code in not_final and runs[entry]
         )
         now = self.now.timestamp()
         out = []
