@@ -95,9 +95,13 @@ class Outcome(enum.StrEnum):
 FINAL_ACTION_STATUSES = frozenset({"Succeeded", "Failed", "TimeOut", "Cancelled"})
 
 
-def _field(data: dict[str, Any], *names: str) -> Any:
-    """Case-insensitive lookup of the first of ``names`` present in ``data``."""
-    lowered = {k.lower(): v for k, v in data.items()}
+def _lowered(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with lower-case keys, for case-insensitive lookups (:func:`_field`)."""
+    return {k.lower() if isinstance(k, str) else k: v for k, v in data.items()}
+
+
+def _field(lowered: dict[str, Any], *names: str) -> Any:
+    """The first of ``names`` present in ``lowered`` (a :func:`_lowered` dict)."""
     for name in names:
         if name.lower() in lowered:
             return lowered[name.lower()]
@@ -125,6 +129,7 @@ class MachineAction:
     @classmethod
     def from_api(cls, data: dict[str, Any]) -> MachineAction:
         """Build from an API body; raises ValueError when ``id`` is missing."""
+        data = _lowered(data)  # once, not once a field: this runs for every call's answer
         action_id = _field(data, "id")
         if not isinstance(action_id, str) or not action_id:
             raise ValueError("machine action without an id")
