@@ -415,7 +415,7 @@ def grant_table(rows: list[GrantRow], args: argparse.Namespace) -> str:
         "grown by every grant of the round); grants/s: all processes together over the "
         "round's span; x none: 'both p50' over the in-process throttle's with as many "
         "processes; full GCs/1k: the clients' generation-2 collections a thousand grants "
-        "(a ledger read makes a Python list for every grant it holds)"
+        "(format 1 ledgers made a Python list a grant at every read; format 2 keeps four columns)"
     )
     return "\n".join(lines)
 

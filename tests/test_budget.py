@@ -258,6 +258,17 @@ def test_the_ledger_keeps_only_what_a_window_can_still_count(tmp_path: Path) -> 
         (b'{"tool": "something-else", "format": 1, "grants": []}', "not a bulkoffboard budget"),
         (b'{"tool": "bulkoffboard-budget", "format": 9, "grants": []}', "newer bulkoffboard"),
         (b'{"tool": "bulkoffboard-budget", "format": 1, "grants": [[1, 2]]}', "is corrupt"),
+        (
+            b'{"tool": "bulkoffboard-budget", "format": 2, "ids": ["a"], "at": [1.0, 2.0], '
+            b'"lag": [null], "pid": [1]}',
+            "is corrupt",
+        ),
+        (
+            b'{"tool": "bulkoffboard-budget", "format": 2, "ids": ["a"], "at": ["x"], '
+            b'"lag": [null], "pid": [1]}',
+            "is corrupt",
+        ),
+        (b'{"tool": "bulkoffboard-budget", "format": 2, "ids": []}', "is corrupt"),
     ],
 )
 def test_a_corrupt_or_newer_ledger_is_an_error_naming_it_never_a_reset(
@@ -269,6 +280,26 @@ def test_a_corrupt_or_newer_ledger_is_an_error_naming_it_never_a_reset(
         budget.open_budget(str(tmp_path), KEY)
     assert str(path) in str(caught.value) and "\n" not in str(caught.value)
     assert path.read_bytes() == content, "the ledger is left as it was"
+
+
+def test_a_format_1_ledger_is_read_and_written_back_as_columns(tmp_path: Path) -> None:
+    """An older bulkoffboard's ledger (a list a grant) keeps every grant when this one takes
+    the next grant; the file is then format 2 (four columns), which an older one refuses by
+    name rather than misreads."""
+    file = LedgerFile(tmp_path, KEY)
+    now = file.clock()
+    rows = [[f"old{n}", now - 5.0 + n, 0.05, 0] for n in range(3)] + [["open", now - 1, None, 0]]
+    file.path.write_bytes(
+        orjson.dumps({"format": 1, "tool": "bulkoffboard-budget", "grants": rows})
+    )
+    assert file.grant_now([Window(10, 60.0, 0.6)], 90.0, "new") is None
+    written = orjson.loads(file.path.read_bytes())
+    assert written["format"] == 2 and "grants" not in written
+    assert written["ids"] == ["old0", "old1", "old2", "open", "new"]
+    assert written["lag"][:4] == [0.05, 0.05, 0.05, None] and written["lag"][4] is None
+    file.answer_now("open", 0.2)
+    assert [lag for _, _, lag in file.grants()][3] == pytest.approx(0.2)
+    assert math.isnan(file.grants()[4][2]), "still unanswered"
 
 
 def test_where_the_budget_lives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
