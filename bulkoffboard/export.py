@@ -313,13 +313,7 @@ def export(
 ) -> ExportSummary:
     """Export the journals found (see :func:`bulkoffboard.history.find_journals`) to ``db``."""
     url = database_url(db, env)
-    paths = find_journals(journals, journal_dir)
-    if not paths:
-        raise UsageError(
-            f"--journal-dir {journal_dir}: no journal in it (searched recursively)"
-            if journal_dir is not None
-            else "--journals: no journal matches"
-        )
+    paths = find_journals(journals, journal_dir, required=True)
     if url.get_backend_name() == "sqlite" and url.database:
         folder = Path(url.database).expanduser().absolute().parent
         if not folder.is_dir():

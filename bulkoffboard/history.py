@@ -125,12 +125,16 @@ def source_text(source: Any) -> str:
 
 
 def find_journals(
-    patterns: Sequence[str] = (), journal_dir: str | Path | None = None
+    patterns: Sequence[str] = (),
+    journal_dir: str | Path | None = None,
+    *,
+    required: bool = False,
 ) -> list[Path]:
     """The journals named by ``patterns`` (globs, ``**`` recursive; a pattern that matches
     nothing is a usage error naming it) and every ``*.jsonl`` under ``journal_dir``
     (recursive). Files a glob or the folder holds whose first line is not a journal's header
-    are left out; a path named outright must be a journal. Each journal once."""
+    are left out; a path named outright must be a journal. Each journal once. ``required``:
+    finding none is a usage error."""
     found: dict[Path, None] = {}
     for pattern in patterns:
         if glob.has_magic(pattern):
@@ -151,6 +155,12 @@ def find_journals(
         for path in sorted(folder.absolute().rglob("*.jsonl")):
             if path.is_file() and _is_journal(path):
                 found.setdefault(path, None)
+    if required and not found:
+        raise UsageError(
+            f"--journal-dir {journal_dir}: no journal in it (searched recursively)"
+            if journal_dir is not None
+            else "--journals: no journal matches"
+        )
     return list(found)
 
 
@@ -742,13 +752,7 @@ def write_report(
     """:func:`report` written to ``out``."""
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt}: a history report is one of {', '.join(FORMATS)}")
-    paths = find_journals(journals, journal_dir)
-    if not paths:
-        raise UsageError(
-            f"--journal-dir {journal_dir}: no journal in it (searched recursively)"
-            if journal_dir is not None
-            else "--journals: no journal matches"
-        )
+    paths = find_journals(journals, journal_dir, required=True)
     write(build(paths, now), fmt, out)
 
 
