@@ -19,6 +19,11 @@
 #   BULKOFFBOARD_TENANTS           a tenants file (README "MSSP: many tenants"): every night
 #                                  runs in each of its tenants, side by side (default: none,
 #                                  one tenant from the AZURE_* settings)
+#   BULKOFFBOARD_EXPORT_DB         after verify, export every journal of JOURNAL_DIR into this
+#                                  database (README "Export to a database"): sqlite:///PATH or
+#                                  postgresql://USER@HOST/DB, the password in
+#                                  BULKOFFBOARD_DB_PASSWORD; passed in the environment, never
+#                                  on a command line (default: none, no export)
 #
 # Each night gets JOURNAL_DIR/YYYY-MM-DD/offboard.jsonl, with run.summary.json and
 # verify.summary.json (--summary-json) beside it; with BULKOFFBOARD_TENANTS, the night's folder
@@ -59,6 +64,7 @@ verify_last=${BULKOFFBOARD_VERIFY_LAST:-7}
 verify_max_age=${BULKOFFBOARD_VERIFY_MAX_AGE:-14}
 max_machines=${BULKOFFBOARD_MAX_MACHINES-1000}
 tenants=${BULKOFFBOARD_TENANTS:-}
+export_db=${BULKOFFBOARD_EXPORT_DB:-}
 today=${BULKOFFBOARD_DATE:-$(date +%F)}  # BULKOFFBOARD_DATE: for tests and catch-up runs
 
 for number in "$inactive_days" "$verify_last" "$verify_max_age" ${max_machines:+"$max_machines"}; do
@@ -227,7 +233,27 @@ for each in ${journals[@]+"${journals[@]}"}; do
     fi
 done
 
-if ((run_rc != 0 || verify_rc != 0)); then
+# The history database: incremental, so a night whose export failed is caught up the next night.
+export_rc=0
+if [[ -n $export_db ]]; then
+    log "exporting $journal_dir to the database of BULKOFFBOARD_EXPORT_DB"
+    rc=0
+    BULKOFFBOARD_DB=$export_db run_child "$bin" export --journal-dir "$journal_dir" \
+        --log-format json --summary-json "$journal_dir/$today/export.summary.json" || rc=$?
+    case $rc in
+    0) ;;
+    130)
+        log "export: stopped"
+        exit 130
+        ;;
+    *)
+        log "export: exit $rc (the journals are intact; the next export catches up)"
+        export_rc=1
+        ;;
+    esac
+fi
+
+if ((run_rc != 0 || verify_rc != 0 || export_rc != 0)); then
     exit 1
 fi
 log "all done"

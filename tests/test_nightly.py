@@ -27,6 +27,7 @@ FAKE = r"""#!/usr/bin/env bash
 set -euo pipefail
 printf '%s\n' "$*" >>"$FAKE_LOG"
 [[ -n ${AZURE_CLIENT_SECRET:-} ]] && echo "secret-present" >>"$FAKE_LOG"
+[[ -n ${BULKOFFBOARD_DB:-} ]] && echo "db-in-environment" >>"$FAKE_LOG"
 command=$1
 shift
 journal="" summary="" run_dir=""
@@ -57,6 +58,9 @@ run | resume)
 verify)
     rc=${FAKE_VERIFY_RC:-0}
     if [[ -n ${FAKE_VERIFY_FAIL:-} && $journal == *"$FAKE_VERIFY_FAIL"* ]]; then rc=1; fi
+    ;;
+export)
+    rc=${FAKE_EXPORT_RC:-0}
     ;;
 esac
 printf '{\n  "exit_code": %d,\n  "journal": "%s"\n}\n' "$rc" "$journal" >"$summary"
@@ -108,7 +112,8 @@ class Night:
     def calls(self) -> list[str]:
         if not self.log.exists():
             return []
-        return [line for line in self.log.read_text().splitlines() if line != "secret-present"]
+        hidden = ("secret-present", "db-in-environment")
+        return [line for line in self.log.read_text().splitlines() if line not in hidden]
 
     def old_journal(self, day: str) -> Path:
         path = self.journals / day / "offboard.jsonl"
@@ -221,6 +226,32 @@ def test_verify_without_read_permission_stops_with_exit_3(night: Night) -> None:
     done = night.run(FAKE_VERIFY_RC="3")
     assert done.returncode == 3
     assert verified(night) == [TODAY]
+
+
+@pytest.mark.parametrize(("export_rc", "expected"), [(0, 0), (2, 1), (130, 130)])
+def test_with_an_export_db_every_night_ends_with_an_export_of_the_journals(
+    night: Night, export_rc: int, expected: int
+) -> None:
+    url = "postgresql://bb@db.example.com/soc"
+    with night.env_file.open("a") as env:
+        env.write(f"export BULKOFFBOARD_EXPORT_DB={url}\n")
+
+    done = night.run(FAKE_EXPORT_RC=str(export_rc))
+
+    assert done.returncode == expected, done.stderr
+    last = night.calls()[-1]
+    assert last == (
+        f"export --journal-dir {night.journals} --log-format json "
+        f"--summary-json {night.journals / TODAY / 'export.summary.json'}"
+    )
+    assert url not in last and url not in done.stderr, "the URL travels in the environment"
+    assert "db-in-environment" in night.log.read_text()
+    assert [c.split()[0] for c in night.calls()][:2] == ["run", "verify"]
+
+
+def test_without_an_export_db_nothing_is_exported(night: Night) -> None:
+    assert night.run().returncode == 0
+    assert not any(call.startswith("export") for call in night.calls())
 
 
 def test_a_second_start_the_same_day_resumes_or_skips_the_run(night: Night) -> None:
