@@ -100,7 +100,7 @@ def database_url(text: str | None, env: dict[str, str] | None = None) -> sa.URL:
     raw = text or DEFAULT_DB
     try:
         url = sa.make_url(raw)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise UsageError(
             f"--db {redact_text(raw)}: not a database URL (sqlite:///history.db or "
             "postgresql://user@host/database)"

@@ -18,10 +18,14 @@ _SECRET_KEY = re.compile(
 #: Values that look like bearer tokens or JWTs, wherever they appear.
 _SECRET_VALUE = re.compile(r"(Bearer\s+)[A-Za-z0-9._~+/=-]+|eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9._-]+")
 REDACTED = "[REDACTED]"
+#: The password of a URL's user info (``scheme://user:PASSWORD@host``), up to the token's last
+#: ``@``: a password with an unencoded ``@`` or ``/`` is hidden whole (more, never less).
+_URL_PASSWORD = re.compile(r"(://[^\s/:@]*:)\S*@")
 
 
 def redact_text(text: str) -> str:
-    """Hide bearer tokens and JWT-looking strings inside free text."""
+    """Hide bearer tokens, JWT-looking strings and URL passwords inside free text."""
+    text = _URL_PASSWORD.sub(r"\1***@", text)
     return _SECRET_VALUE.sub(lambda m: (m.group(1) or "") + REDACTED, text)
 
 

@@ -182,6 +182,9 @@ def test_the_command_line_exports_and_writes_a_summary(
         (["--db", "mysql://u:hunter2@db.example/x"], "not mysql"),
         (["--db", "sqlite:////nonexistent/folder/h.db"], "does not exist"),
         (["--db", "not a url"], "not a database URL"),
+        (["--db", "://u:hunter2@x"], "not a database URL"),
+        (["--db", "postgresql://u:hunter2@host:notaport/db"], "not a database URL"),
+        (["--db", "postgresql://u:hunter2@[::1/db"], "not a database URL"),
         ([], "give --journal-dir DIR or --journals"),
         (["--journal-dir", "/nonexistent"], "not a folder"),
     ],
@@ -440,3 +443,18 @@ def test_the_python_api_exports(nights: Path, tmp_path: Path) -> None:
     summary = bulkoffboard.export_journals(nights, f"sqlite:///{tmp_path / 'h.db'}")
     assert summary.new == 4 and summary.rows["results"] == 11
     assert bulkoffboard.export_journals(nights, f"sqlite:///{tmp_path / 'h.db'}").unchanged == 4
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("postgresql://u:pw@127.0.0.1:5432/db", "postgresql://u:***@127.0.0.1:5432/db"),
+        ("redis://:secret@h:6379/0", "redis://:***@h:6379/0"),
+        ("rediss://user:p@ss/w@h/0 and more", "rediss://user:***@h/0 and more"),
+        ("http://host/path@x", "http://host/path@x"),
+    ],
+)
+def test_every_error_line_hides_a_url_password(text: str, shown: str) -> None:
+    from bulkoffboard.logs import redact_text
+
+    assert redact_text(text) == shown
