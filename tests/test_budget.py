@@ -102,6 +102,11 @@ async def play_shared(scenario: Scenario, directory: Path) -> Outcome:
     return Outcome(history, grants, events, throttles[0].pace_s, spans)
 
 
+#: Every grant of these is a locked read and rewrite of a real ledger file: 60 examples take
+#: about 25 s on an idle 2-core machine and four times that beside a benchmark. The default
+#: 120 s would end a sound run as a failure, and a timeout's signal inside hypothesis and the
+#: fast-forwarded loop can leave the next test hanging: give them room instead.
+@pytest.mark.timeout(600)
 @fast_loop_time
 @settings(
     max_examples=60,
@@ -116,6 +121,7 @@ async def test_many_processes_on_one_ledger_never_overfill_a_window(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 @fast_loop_time
 @settings(
     max_examples=1000,
