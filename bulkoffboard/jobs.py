@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import hashlib
 import math
 import os
-import ssl
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Container, Mapping
+from collections.abc import Awaitable, Callable, Container, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -45,6 +43,7 @@ from bulkoffboard.budget import BudgetKey, open_budget
 from bulkoffboard.budget import label as budget_label
 from bulkoffboard.cancel import Canceller, CancelSettings, CancelSummary, plan_cancel
 from bulkoffboard.client import MdeClient
+from bulkoffboard.connections import http_session
 from bulkoffboard.errors import (
     ApiError,
     AuthError,
@@ -150,79 +149,6 @@ def sha256_file(path: Path) -> str:
     except OSError as exc:
         raise SourceError(f"cannot read {path}: {exc.strerror}") from None
     return digest.hexdigest()
-
-
-def _ssl_for(conn: config.Connection) -> ssl.SSLContext | bool:
-    if conn.api_url.startswith("http://"):
-        return False
-    if conn.ca_bundle is not None:
-        return ssl.create_default_context(cafile=str(conn.ca_bundle))
-    return True
-
-
-#: Connections one process's tenants share at most (see :func:`shared_connections`).
-SHARED_CONNECTIONS = 256
-
-
-@dataclass(slots=True)
-class SharedConnections:
-    """One pool of HTTPS connections for the jobs of many tenants in one process.
-
-    Each job alone keeps a pool of its own (its workers plus a few), which is right for one
-    tenant; 500 tenants starting at once would hold thousands of TLS connections, each with
-    asyncio's 128 KiB read buffer and OpenSSL's state. Sharing one connector caps them all
-    (``limit``), and connections to the same API host are reused across tenants: a request
-    carries its tenant's token, a connection carries nothing of a tenant. Each job keeps its
-    own session (cookies, timeouts), token, throttles and journal.
-    """
-
-    connector: aiohttp.TCPConnector
-    #: One TLS context a CA bundle, so tenants with the same bundle share connections.
-    contexts: dict[str, ssl.SSLContext] = field(default_factory=dict)
-
-    def ssl_for(self, conn: config.Connection) -> ssl.SSLContext | bool:
-        if conn.api_url.startswith("http://") or conn.ca_bundle is None:
-            return _ssl_for(conn)
-        key = str(conn.ca_bundle)
-        if key not in self.contexts:
-            self.contexts[key] = ssl.create_default_context(cafile=key)
-        return self.contexts[key]
-
-
-_SHARED: contextvars.ContextVar[SharedConnections | None] = contextvars.ContextVar(
-    "bulkoffboard_shared_connections", default=None
-)
-
-
-@contextlib.asynccontextmanager
-async def shared_connections(limit: int = SHARED_CONNECTIONS) -> AsyncIterator[SharedConnections]:
-    """Within this block, jobs started from this task (and the tasks it creates) draw their
-    connections from one pool of at most ``limit`` (a context variable: jobs elsewhere in the
-    process keep their own pools)."""
-    pool = SharedConnections(aiohttp.TCPConnector(limit=limit))
-    token = _SHARED.set(pool)
-    try:
-        yield pool
-    finally:
-        _SHARED.reset(token)
-        await pool.connector.close()
-
-
-def _session(
-    conn: config.Connection, timeout: aiohttp.ClientTimeout, *, limit: int = 100
-) -> tuple[aiohttp.ClientSession, ssl.SSLContext | bool]:
-    """A job's HTTP session and TLS setting: on the shared pool when there is one (see
-    :func:`shared_connections`), else on a pool of its own of ``limit`` connections."""
-    shared = _SHARED.get()
-    if shared is not None:
-        session = aiohttp.ClientSession(
-            connector=shared.connector, connector_owner=False, timeout=timeout, trust_env=True
-        )
-        return session, shared.ssl_for(conn)
-    connector = aiohttp.TCPConnector(limit=limit)
-    return aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=True), _ssl_for(
-        conn
-    )
 
 
 def check_workers(value: int | None, file_cfg: Mapping[str, Any], default: int = 8) -> int:
@@ -332,7 +258,7 @@ async def _execute(
             opened = Journal.resume(plan.journal_path)
         await tokens.token()
         timeout = aiohttp.ClientTimeout(total=ANSWER_TIMEOUT_S, connect=15, sock_read=60)
-        session, tls = _session(conn, timeout, limit=plan.workers + 4)
+        session, tls = http_session(conn, timeout, limit=plan.workers + 4)
         async with session:
             client = MdeClient(session, conn.api_url, tokens, ssl_context=tls)
             budgets = Budgets(plan.budget, conn)
@@ -978,7 +904,7 @@ async def check(conn: config.Connection) -> CheckResult:
                     ("warn", f"{names[0]} not granted (needed for {purpose}): {_GRANT_HINT}")
                 )
         timeout = aiohttp.ClientTimeout(total=60, connect=15)
-        session, tls = _session(conn, timeout)
+        session, tls = http_session(conn, timeout)
         async with session:
             client = MdeClient(session, conn.api_url, tokens, ssl_context=tls)
             try:
@@ -1056,7 +982,7 @@ async def cancel_journal(
             throttles.append(await budgets.throttle(kind, limits, margin_s))
         cancels, reads, tags = throttles
         timeout = aiohttp.ClientTimeout(total=ANSWER_TIMEOUT_S, connect=15, sock_read=60)
-        session, tls = _session(conn, timeout)
+        session, tls = http_session(conn, timeout)
         async with session:
             client = MdeClient(session, conn.api_url, tokens, ssl_context=tls)
             canceller = Canceller(
@@ -1150,7 +1076,7 @@ async def verify_journal(
             )
             timeout = aiohttp.ClientTimeout(total=ANSWER_TIMEOUT_S, connect=15, sock_read=60)
             reads = await Budgets(budget, conn).throttle("reads", limits)
-            session, tls = _session(conn, timeout)
+            session, tls = http_session(conn, timeout)
             async with session:
                 client = MdeClient(session, conn.api_url, tokens, ssl_context=tls)
                 try:

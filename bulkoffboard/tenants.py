@@ -12,7 +12,7 @@ The run directory keeps a copy of the tenants file (``tenants.toml``), so ``resu
 ``verify`` and ``report`` of the directory know its tenants and their settings.
 
 The tenants share one pool of at most 256 HTTPS connections
-(:func:`bulkoffboard.jobs.shared_connections`): 500 tenants starting at once would otherwise
+(:func:`bulkoffboard.connections.shared_connections`): 500 tenants starting at once would otherwise
 hold thousands of TLS connections (about 3 MB a tenant).
 
 The exit code over tenants is the most serious of theirs, in the order 130 > 3 > 2 > 1 > 0.
@@ -32,8 +32,9 @@ import structlog
 
 from bulkoffboard import api, config
 from bulkoffboard.cancel import CancelSummary
+from bulkoffboard.connections import shared_connections
 from bulkoffboard.errors import AuthError, BulkOffboardError, JournalError, UsageError
-from bulkoffboard.jobs import RunObserver, shared_connections
+from bulkoffboard.jobs import RunObserver
 from bulkoffboard.runner import ExitCode, Summary
 from bulkoffboard.verify import VerifySummary
 

@@ -426,7 +426,7 @@ async def test_the_tenants_of_a_run_share_one_pool_of_connections(
     draws on the one connector of the run, which is closed at the end."""
     import aiohttp
 
-    from bulkoffboard import jobs
+    from bulkoffboard import connections
 
     made: list[Any] = []
     real = aiohttp.TCPConnector
@@ -446,7 +446,7 @@ async def test_the_tenants_of_a_run_share_one_pool_of_connections(
     assert summary.exit_code == 0
     for name, server in servers.items():
         assert_each_offboarded_once(server, tmp_path / "run" / f"{name}.jsonl")
-    assert len(made) == 1 and made[0].limit == jobs.SHARED_CONNECTIONS
+    assert len(made) == 1 and made[0].limit == connections.SHARED_CONNECTIONS
     assert made[0].closed
     # Outside a tenants run, a job keeps a pool of its own.
-    assert jobs._SHARED.get() is None
+    assert connections._SHARED.get() is None
