@@ -352,7 +352,8 @@ def _export_one(
 ) -> None:
     summary.journals += 1
     journals = tables["journals"]
-    run_id = str(read_header(path).get("run_id") or "")
+    header = read_header(path)  # checked: a journal's header, or a JournalError naming it
+    run_id = str(header.get("run_id") or "")
     try:
         handle = path.open("rb")
     except OSError as exc:
@@ -375,7 +376,6 @@ def _export_one(
             if other is not None:
                 summary.copies.append(str(path))
                 return  # the same run exported from another path: a copy, counted once
-            header = _record(first, path, 1)
             conn.execute(tables["runs"].insert(), [_run_row(header)])
             start, line = len(first), 1
         handle.seek(start)
